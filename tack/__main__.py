@@ -1,0 +1,39 @@
+"""``python -m tack``: parse the environment, then run the spindle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, config, logs, service
+
+
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="tack",
+        description=(
+            "tack is a Tangled spindle: it watches the AT Protocol for repos that name it, "
+            "takes their pipelines from knots, runs them on a configured backend and "
+            "reports statuses and logs back to Tangled. It is configured entirely by "
+            "environment variables."
+        ),
+        epilog="settings (environment variables):\n" + config.describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    parser.add_argument("--version", action="version", version=f"tack {__version__}")
+    parser.parse_args(argv)
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"tack: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    return service.run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

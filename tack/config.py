@@ -1,0 +1,316 @@
+"""Configuration from the environment.
+
+The variable names are the official spindle's, so an operator can swap one
+spindle for the other without rewriting their unit files; tack's own knobs
+carry a ``TACK_`` prefix. Every setting is declared once, in ``SETTINGS``,
+which drives both parsing and ``--help`` so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+
+
+# A DNS hostname (labels of letters, digits and inner hyphens), optionally with
+# a port. Used for the spindle's own name and, later, to vet knot names that
+# arrive in untrusted records.
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}(?::|$))"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?::(?P<port>[0-9]{1,5}))?$"
+)
+_DID_RE = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2040}$")
+
+
+def is_hostname(value: str) -> bool:
+    """True for ``host`` or ``host:port`` with a DNS-shaped host and a valid port."""
+    match = _HOSTNAME_RE.match(value)
+    if not match:
+        return False
+    port = match.group("port")
+    return port is None or 0 < int(port) < 65536
+
+
+def is_did(value: str) -> bool:
+    return bool(_DID_RE.match(value))
+
+
+# --- parsers: each takes the raw string and returns the typed value or raises
+# ValueError with a short, operator-facing explanation.
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _hostname(raw: str) -> str:
+    value = raw.strip().lower()
+    if not is_hostname(value):
+        raise ValueError(f"must be a hostname such as ci.example.com (got {raw!r})")
+    return value
+
+
+def _did(raw: str) -> str:
+    value = raw.strip()
+    if not is_did(value):
+        raise ValueError(f"must be a DID such as did:plc:abc123 (got {raw!r})")
+    return value
+
+
+def _listen_addr(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT such as 0.0.0.0:6555 (got {raw!r})")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not is_hostname(host):
+            raise ValueError(f"has an invalid host {host!r}") from None
+    return host, int(port)
+
+
+def _ws_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"must be a ws:// or wss:// URL (got {raw!r})")
+    return value
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL (got {raw!r})")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false (got {raw!r})")
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number (got {raw!r})") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return parse
+
+
+def _bounded_float(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a number (got {raw!r})") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)} (got {raw!r})")
+        return value
+
+    return parse
+
+
+def _optional_path(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str | None  # None: required
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "SPINDLE_SERVER_HOSTNAME",
+        "hostname",
+        _hostname,
+        None,
+        "this spindle's public hostname; its DID is did:web:<hostname>",
+    ),
+    Setting(
+        "SPINDLE_SERVER_OWNER",
+        "owner",
+        _did,
+        None,
+        "DID of the spindle's owner, whose member invitations count",
+    ),
+    Setting(
+        "SPINDLE_SERVER_LISTEN_ADDR",
+        "listen",
+        _listen_addr,
+        "0.0.0.0:6555",
+        "HOST:PORT the HTTP/websocket server listens on",
+    ),
+    Setting(
+        "SPINDLE_SERVER_DB_PATH", "db_path", _text, "spindle.db", "path of the SQLite database file"
+    ),
+    Setting(
+        "SPINDLE_SERVER_JETSTREAM_ENDPOINT",
+        "jetstream_endpoint",
+        _ws_url,
+        "wss://jetstream1.us-west.bsky.network/subscribe",
+        "jetstream subscribe URL records are read from",
+    ),
+    Setting(
+        "SPINDLE_SERVER_DEV",
+        "dev",
+        _bool,
+        "false",
+        "dev mode: plain ws:// and http:// to knots, loopback knots allowed",
+    ),
+    Setting("SPINDLE_SERVER_LOG_DIR", "log_dir", _text, "logs", "directory for workflow logs"),
+    Setting(
+        "SPINDLE_SERVER_QUEUE_SIZE",
+        "queue_size",
+        _bounded_int(1, 1_000_000),
+        "1000",
+        "bound of the in-memory queue of jetstream frames awaiting the applier",
+    ),
+    Setting(
+        "SPINDLE_SERVER_MAX_JOB_COUNT",
+        "max_job_count",
+        _bounded_int(1, 1024),
+        "2",
+        "how many workflows run at once",
+    ),
+    Setting(
+        "SPINDLE_SERVER_PLC_URL",
+        "plc_url",
+        _http_url,
+        "https://plc.directory",
+        "PLC directory used to resolve did:plc identities",
+    ),
+    Setting(
+        "TACK_CONFIG",
+        "config_file",
+        _optional_path,
+        "",
+        "path of the TOML file configuring backends (optional)",
+    ),
+    Setting(
+        "TACK_LOG_LEVEL",
+        "log_level",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "least severe log level written",
+    ),
+    Setting(
+        "TACK_LOG_FORMAT",
+        "log_format",
+        _choice("json", "text"),
+        "json",
+        "json: one JSON object per line on stderr; text: for humans",
+    ),
+    Setting(
+        "TACK_RECONNECT_MIN_SECONDS",
+        "reconnect_min",
+        _bounded_float(0.01, 600),
+        "1",
+        "first reconnect delay for jetstream and knot streams",
+    ),
+    Setting(
+        "TACK_RECONNECT_MAX_SECONDS",
+        "reconnect_max",
+        _bounded_float(0.01, 3600),
+        "60",
+        "cap of the exponential reconnect delay",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    owner: str
+    listen: tuple[str, int]
+    db_path: str
+    jetstream_endpoint: str
+    dev: bool
+    log_dir: str
+    queue_size: int
+    max_job_count: int
+    plc_url: str
+    config_file: str | None
+    log_level: str
+    log_format: str
+    reconnect_min: float
+    reconnect_max: float
+
+    @property
+    def spindle_did(self) -> str:
+        return f"did:web:{self.hostname}"
+
+
+def load(environ: Mapping[str, str] | None = None) -> Config:
+    """Read every setting; the first bad one raises ConfigError naming it."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is None or (setting.default is None and not raw.strip()):
+            if setting.default is None:
+                raise ConfigError(setting.env, "is required but not set")
+            raw = setting.default
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(setting.env, str(exc)) from None
+    config = Config(**values)
+    if config.reconnect_max < config.reconnect_min:
+        raise ConfigError(
+            "TACK_RECONNECT_MAX_SECONDS", "must not be below TACK_RECONNECT_MIN_SECONDS"
+        )
+    return config
+
+
+def describe_settings() -> str:
+    """The settings table printed by ``--help``."""
+    lines = []
+    for setting in SETTINGS:
+        default = (
+            "required" if setting.default is None else f"default: {setting.default or '(unset)'}"
+        )
+        lines.append(f"  {setting.env}\n      {setting.help} [{default}]")
+    return "\n".join(lines)

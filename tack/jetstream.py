@@ -1,0 +1,281 @@
+"""Jetstream ingest: records about members, repos and collaborators into the store.
+
+A reader thread pulls frames into a bounded queue; one applier thread drains
+it in arrival order. The applier writes a run of changes and the cursor in one
+transaction, so after a crash the saved cursor never points past an event
+that was not applied; the reader resumes 5 s before it, and replays are
+harmless because every change is an idempotent upsert or delete on (did, rkey).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import peewee
+from tenacity import RetryCallState
+
+from . import logs, records, retry, store
+from .knots import KnotSubscriptions
+from .records import BadRecord, Change
+from .stream import Backoff, Follower
+
+log = logs.get("jetstream")
+
+CURSOR_NAME = "jetstream"
+# time_us cursors are not gapless at the boundary (events sharing a
+# microsecond, servers with slightly different clocks), so resume earlier.
+REWIND_US = 5_000_000
+BATCH_MAX = 500
+# On shutdown the applier keeps draining already-received frames this long;
+# what is left is replayed from the saved cursor on the next start.
+DRAIN_SECONDS = 4.0
+
+_KNOT_AFFECTING = (records.MEMBER, records.REPO)
+
+_APPLIERS: dict[str, Callable[[dict], None]] = {
+    records.MEMBER: store.upsert_member,
+    records.REPO: store.upsert_repo,
+    records.COLLABORATOR: store.upsert_collaborator,
+}
+
+
+def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
+    """The v1 subscribe URL for our collections, resuming REWIND_US before ``cursor_us``."""
+    parts = urlsplit(endpoint)
+    query = [("wantedCollections", c) for c in records.COLLECTIONS]
+    if cursor_us is not None:
+        query.insert(0, ("cursor", str(max(cursor_us - REWIND_US, 0))))
+    extra = "&" + parts.query if parts.query else ""
+    return urlunsplit(parts._replace(query=urlencode(query) + extra))
+
+
+class ShutdownDuringRetry(Exception):
+    """A transient failure was still unresolved when shutdown was asked for."""
+
+
+class Applier:
+    """Drains the frame queue into the store, in order, one thread only."""
+
+    def __init__(
+        self,
+        db: peewee.Database,
+        frames: queue.Queue,
+        directory: store.Directory,
+        knots: KnotSubscriptions,
+        stop: threading.Event,
+        known_knots: set[str],
+    ) -> None:
+        self._db = db
+        self._frames = frames
+        self._directory = directory
+        self._knots = knots
+        self._stop = stop
+        self._known_knots = set(known_knots)
+        self.cursor: int | None = store.get_cursor(CURSOR_NAME)
+        self.applied = 0
+        self.bad = 0
+
+    # --- thread body -----------------------------------------------------------
+
+    def run(self) -> None:
+        drain_until: float | None = None
+        while True:
+            if self._stop.is_set() and drain_until is None:
+                drain_until = time.monotonic() + DRAIN_SECONDS
+            batch = self._take_batch(draining=drain_until is not None)
+            if not batch:
+                if drain_until is not None:
+                    break
+                continue
+            try:
+                self._apply_batch(batch)
+            except ShutdownDuringRetry:
+                log.warning(
+                    "shutdown while retrying; unapplied events will be replayed",
+                    extra={"cursor": self.cursor},
+                )
+                break
+            except Exception:
+                # Not reached for bad records or I/O (both handled inside);
+                # a bug must not kill ingest, and the events are replayed later.
+                log.exception("applier failed on a batch", extra={"cursor": self.cursor})
+            if drain_until is not None and time.monotonic() > drain_until:
+                log.warning(
+                    "drain time over; the rest is replayed on restart",
+                    extra={"left": self._frames.qsize()},
+                )
+                break
+        log.info("applier stopped", extra={"cursor": self.cursor, "applied": self.applied})
+
+    def _take_batch(self, draining: bool) -> list:
+        try:
+            first = self._frames.get_nowait() if draining else self._frames.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self._frames.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    # --- applying ---------------------------------------------------------------
+
+    def _apply_batch(self, frames: list) -> None:
+        changes: list[Change] = []
+        newest = self.cursor or 0
+        for frame in frames:
+            change, time_us = self._decode(frame)
+            if change is not None:
+                changes.append(change)
+            # A bad record that told its time still moves the cursor past it.
+            newest = max(newest, time_us or 0)
+        try:
+            self._with_retry(lambda: self._commit(changes, newest))
+        except ShutdownDuringRetry:
+            raise
+        except Exception as exc:
+            # Something in the run is permanently unwritable. Find it by
+            # writing one change at a time; the rest still land, in order.
+            log.warning("batch failed, applying one by one", extra={"error": repr(exc)[:300]})
+            for change in changes:
+                self._apply_single(change)
+            self._with_retry(lambda: self._commit([], newest))
+        if any(self._affects_knots(c) for c in changes):
+            self._with_retry(self._reconcile_knots)
+
+    def _decode(self, frame: str | bytes) -> tuple[Change | None, int | None]:
+        try:
+            change = records.decode(frame, self._directory.hostname)
+        except BadRecord as bad:
+            self.bad += 1
+            log.warning(
+                "bad record skipped",
+                extra={**bad.ids, "reason": bad.reason, "time_us": bad.time_us},
+            )
+            return None, bad.time_us
+        return change, change.time_us
+
+    def _apply_single(self, change: Change) -> None:
+        try:
+            self._with_retry(lambda: self._commit([change], max(self.cursor or 0, change.time_us)))
+        except ShutdownDuringRetry:
+            raise
+        except Exception as exc:
+            self.bad += 1
+            log.error(
+                "record could not be written, skipped",
+                extra={**change.ids, "error": repr(exc)[:300]},
+            )
+
+    def _commit(self, changes: list[Change], cursor: int) -> None:
+        """The changes and the cursor land together or not at all."""
+        with self._db.atomic():
+            for change in changes:
+                _write(change)
+            if cursor and cursor != self.cursor:
+                store.save_cursor(CURSOR_NAME, cursor)
+        self.cursor = cursor or self.cursor
+        self.applied += len(changes)
+
+    def _with_retry(self, operation: Callable[[], object]) -> object:
+        """Retry I/O trouble in place, forever, until it works or we shut down."""
+        retrying = retry.until_stopped(
+            self._stop,
+            retry_if=store.is_transient,
+            initial=0.05,
+            cap=2.0,
+            before_sleep=_log_transient,
+        )
+        try:
+            return retrying(operation)
+        except Exception as exc:
+            if store.is_transient(exc):
+                raise ShutdownDuringRetry() from exc
+            raise
+
+    # --- knots ------------------------------------------------------------------
+
+    @staticmethod
+    def _affects_knots(change: Change) -> bool:
+        return change.action == "delete_account" or change.collection in _KNOT_AFFECTING
+
+    def _reconcile_knots(self) -> None:
+        """Tell the knot side about knots that became wanted or unwanted."""
+        wanted = self._directory.wanted_knots()
+        for knot in sorted(wanted - self._known_knots):
+            self._knots.add_knot(knot)
+        for knot in sorted(self._known_knots - wanted):
+            self._knots.remove_knot(knot)
+        self._known_knots = wanted
+
+
+def _write(change: Change) -> None:
+    if change.action == "upsert":
+        _APPLIERS[change.collection](change.row)
+    elif change.action == "delete":
+        store.delete_record(change.collection, change.did, change.rkey)
+    elif change.action == "delete_account":
+        store.delete_account(change.did)
+
+
+def _log_transient(state: RetryCallState) -> None:
+    log.warning(
+        "store busy, retrying the same events",
+        extra={"attempt": state.attempt_number, "error": retry.last_error(state)},
+    )
+
+
+class Ingester:
+    """The reader and applier threads, started and stopped together."""
+
+    def __init__(
+        self,
+        db: peewee.Database,
+        directory: store.Directory,
+        knots: KnotSubscriptions,
+        *,
+        endpoint: str,
+        queue_size: int,
+        backoff: Backoff,
+        known_knots: set[str],
+    ) -> None:
+        self.stop_event = threading.Event()
+        self.frames: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.applier = Applier(db, self.frames, directory, knots, self.stop_event, known_knots)
+        self.reader = Follower(
+            component="jetstream",
+            url=lambda: subscribe_url(endpoint, self.applier.cursor),
+            on_frame=self._enqueue,
+            stop=self.stop_event,
+            backoff=backoff,
+        )
+        self._threads = [
+            threading.Thread(target=self.reader.run, name="jetstream-reader", daemon=True),
+            threading.Thread(target=self.applier.run, name="jetstream-applier", daemon=True),
+        ]
+
+    def _enqueue(self, frame: str | bytes) -> None:
+        """Block while the queue is full: that is the back-pressure on the socket."""
+        while not self.stop_event.is_set():
+            try:
+                self.frames.put(frame, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 8.0) -> None:
+        self.stop_event.set()
+        self.reader.close()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.1))

@@ -1,0 +1,39 @@
+"""The one retry policy tack uses for I/O: exponential backoff with jitter,
+forever, until it works or shutdown is asked for.
+
+Transient failures are never given up on (giving up would mean skipping an
+event or dropping a stream); only a shutdown ends the retrying, and the sleep
+between attempts wakes at once when it does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
+
+
+def until_stopped(
+    stop: threading.Event,
+    *,
+    retry_if: Callable[[BaseException], bool],
+    initial: float,
+    cap: float,
+    before_sleep: Callable[[RetryCallState], None],
+) -> Retrying:
+    """A Retrying that re-raises the last error only once ``stop`` is set."""
+    return Retrying(
+        retry=retry_if_exception(lambda exc: retry_if(exc) and not stop.is_set()),
+        # Jitter proportional to the base delay, so sub-second policies stay sub-second.
+        wait=wait_exponential_jitter(multiplier=initial, max=cap, jitter=initial),
+        stop=lambda state: stop.is_set(),
+        sleep=stop.wait,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def last_error(state: RetryCallState) -> str:
+    exc = state.outcome.exception() if state.outcome else None
+    return "" if exc is None else f"{type(exc).__name__}: {exc}"[:300]

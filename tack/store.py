@@ -1,0 +1,285 @@
+"""The SQLite store: peewee models, versioned migrations and the queries tack needs.
+
+One database file holds everything tack must not lose: the records ingested
+from jetstream, the stream cursors, and (later) pipelines, statuses and logs.
+peewee gives each thread its own connection; WAL lets readers proceed while
+the single applier writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+import peewee
+from peewee import (
+    BigIntegerField,
+    CompositeKey,
+    DatabaseProxy,
+    IntegerField,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
+
+from . import logs
+
+log = logs.get("store")
+
+database = DatabaseProxy()
+
+# How long a statement waits for another connection's write lock before
+# SQLite reports "database is locked". Kept short: the ingest path retries
+# with its own backoff (and logs it), which beats one silent long stall.
+BUSY_TIMEOUT_MS = 2000
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Member(BaseModel):
+    """A ``sh.tangled.spindle.member`` record naming this spindle.
+
+    Kept whoever wrote it: only the owner's count, and that is decided at
+    query time so a corrected owner setting needs no replay.
+    """
+
+    did = TextField()  # author of the record (the inviter)
+    rkey = TextField()
+    subject = TextField()
+    instance = TextField()
+    created_at = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("did", "rkey")
+
+
+class Repo(BaseModel):
+    """A ``sh.tangled.repo`` record whose ``spindle`` is this spindle."""
+
+    did = TextField()  # the repo owner
+    rkey = TextField()
+    name = TextField()
+    knot = TextField()
+    spindle = TextField()
+    repo_did = TextField(null=True)
+    created_at = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("did", "rkey")
+
+    @property
+    def at_uri(self) -> str:
+        return f"at://{self.did}/sh.tangled.repo/{self.rkey}"
+
+
+class Collaborator(BaseModel):
+    """A ``sh.tangled.repo.collaborator`` record: ``did`` grants ``subject`` a repo."""
+
+    did = TextField()
+    rkey = TextField()
+    subject = TextField()
+    repo = TextField(null=True)  # at-uri of the repo
+    repo_did = TextField(null=True)
+    created_at = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("did", "rkey")
+
+
+class Cursor(BaseModel):
+    """Named stream positions (jetstream, one per knot)."""
+
+    name = TextField(primary_key=True)
+    value = BigIntegerField()
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField(primary_key=True)
+
+
+# --- migrations ------------------------------------------------------------
+#
+# Each step is frozen DDL, never derived from the models above: a model that
+# grows a column in a later release must not change what step 1 created, or
+# an upgrade from step 1 would skip the new column. Add steps; never edit one.
+
+_V1 = (
+    """CREATE TABLE member (
+        did TEXT NOT NULL, rkey TEXT NOT NULL, subject TEXT NOT NULL,
+        instance TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (did, rkey))""",
+    "CREATE INDEX member_subject ON member (subject)",
+    """CREATE TABLE repo (
+        did TEXT NOT NULL, rkey TEXT NOT NULL, name TEXT NOT NULL, knot TEXT NOT NULL,
+        spindle TEXT NOT NULL, repo_did TEXT, created_at TEXT NOT NULL,
+        PRIMARY KEY (did, rkey))""",
+    "CREATE INDEX repo_owner_name ON repo (did, name)",
+    "CREATE INDEX repo_repo_did ON repo (repo_did)",
+    "CREATE INDEX repo_knot ON repo (knot)",
+    """CREATE TABLE collaborator (
+        did TEXT NOT NULL, rkey TEXT NOT NULL, subject TEXT NOT NULL, repo TEXT,
+        repo_did TEXT, created_at TEXT NOT NULL, PRIMARY KEY (did, rkey))""",
+    "CREATE INDEX collaborator_subject ON collaborator (subject)",
+    "CREATE TABLE cursor (name TEXT NOT NULL PRIMARY KEY, value BIGINT NOT NULL)",
+)
+
+MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1)]
+
+
+def migrate(db: peewee.Database) -> int:
+    """Bring the schema to the newest version, one transaction per step."""
+    db.execute_sql("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+    current = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar() or 0
+    for version, statements in MIGRATIONS:
+        if version <= current:
+            continue
+        with db.atomic():
+            for statement in statements:
+                db.execute_sql(statement)
+            SchemaVersion.create(version=version)
+        log.info("schema migrated", extra={"schema_version": version})
+        current = version
+    return current
+
+
+def open_database(path: str) -> SqliteDatabase:
+    """Open (creating if needed) and migrate the database at ``path``."""
+    db = SqliteDatabase(
+        path,
+        pragmas={
+            "journal_mode": "wal",
+            "foreign_keys": 1,
+            "busy_timeout": BUSY_TIMEOUT_MS,
+            "synchronous": "normal",
+        },
+        check_same_thread=False,
+    )
+    database.initialize(db)
+    db.connect(reuse_if_open=True)
+    migrate(db)
+    return db
+
+
+def is_transient(exc: BaseException) -> bool:
+    """I/O trouble worth retrying in place, as opposed to a bad record.
+
+    Locked or busy databases, a full disk and I/O errors all clear up without
+    the input changing; constraint violations and type errors never do.
+    """
+    if isinstance(exc, peewee.OperationalError | sqlite3.OperationalError | OSError):
+        return True
+    return isinstance(exc, peewee.InterfaceError)
+
+
+# --- record mutations (each an idempotent upsert or delete on (did, rkey)) ---
+
+
+def _upsert(model: type[BaseModel], row: dict) -> None:
+    key = [model.did, model.rkey]
+    columns = [model._meta.fields[name] for name in row if name not in ("did", "rkey")]
+    model.insert(**row).on_conflict(conflict_target=key, preserve=columns).execute()
+
+
+def upsert_member(row: dict) -> None:
+    _upsert(Member, row)
+
+
+def upsert_repo(row: dict) -> None:
+    _upsert(Repo, row)
+
+
+def upsert_collaborator(row: dict) -> None:
+    _upsert(Collaborator, row)
+
+
+RECORD_MODELS: dict[str, type[BaseModel]] = {
+    "sh.tangled.spindle.member": Member,
+    "sh.tangled.repo": Repo,
+    "sh.tangled.repo.collaborator": Collaborator,
+}
+
+
+def delete_record(collection: str, did: str, rkey: str) -> None:
+    model = RECORD_MODELS[collection]
+    model.delete().where((model.did == did) & (model.rkey == rkey)).execute()
+
+
+def delete_account(did: str) -> None:
+    """Forget every record a deleted account wrote."""
+    for model in RECORD_MODELS.values():
+        model.delete().where(model.did == did).execute()
+
+
+# --- cursors -----------------------------------------------------------------
+
+
+def get_cursor(name: str) -> int | None:
+    row = Cursor.get_or_none(Cursor.name == name)
+    return None if row is None else row.value
+
+
+def save_cursor(name: str, value: int) -> None:
+    Cursor.insert(name=name, value=value).on_conflict(
+        conflict_target=[Cursor.name], preserve=[Cursor.value]
+    ).execute()
+
+
+def delete_cursor(name: str) -> None:
+    Cursor.delete().where(Cursor.name == name).execute()
+
+
+# --- queries -----------------------------------------------------------------
+
+
+class Directory:
+    """Who may use this spindle and for which repos, as the records say.
+
+    Bound to this spindle's hostname and owner, which every question here is
+    relative to.
+    """
+
+    def __init__(self, hostname: str, owner: str) -> None:
+        self.hostname = hostname
+        self.owner = owner
+
+    def _members(self) -> peewee.ModelSelect:
+        return Member.select(Member.subject).where(
+            (Member.did == self.owner) & (Member.instance == self.hostname)
+        )
+
+    def is_member(self, did: str) -> bool:
+        """The owner, or someone the owner invited to this spindle."""
+        if did == self.owner:
+            return True
+        return self._members().where(Member.subject == did).exists()
+
+    def _served_repos(self) -> peewee.ModelSelect:
+        return Repo.select().where(
+            (Repo.spindle == self.hostname)
+            & ((Repo.did == self.owner) | Repo.did.in_(self._members()))
+        )
+
+    def wanted_knots(self) -> set[str]:
+        """Knots hosting at least one repo we serve: the streams to subscribe to."""
+        query = self._served_repos().select(Repo.knot).distinct()
+        return {row.knot for row in query}
+
+    def repo_by_name(self, owner: str, name: str) -> Repo | None:
+        return Repo.select().where((Repo.did == owner) & (Repo.name == name)).first()
+
+    def repo_by_did(self, repo_did: str) -> Repo | None:
+        return Repo.select().where(Repo.repo_did == repo_did).first()
+
+    def is_collaborator(self, repo: Repo, did: str) -> bool:
+        """``did`` was granted ``repo`` by a record its owner wrote."""
+        match_repo = Collaborator.repo == repo.at_uri
+        if repo.repo_did:
+            match_repo |= Collaborator.repo_did == repo.repo_did
+        return (
+            Collaborator.select()
+            .where((Collaborator.did == repo.did) & (Collaborator.subject == did) & match_repo)
+            .exists()
+        )

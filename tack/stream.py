@@ -1,0 +1,183 @@
+"""Following a websocket stream forever: connect, hand over frames, reconnect.
+
+Both the jetstream reader and each knot reader are one ``Follower``. The
+follower owns the connection and the backoff; the caller owns the meaning of
+frames and of the cursor, which it supplies fresh on every (re)connect so a
+reconnect resumes from what was actually processed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import websocket
+from tenacity import RetryCallState, Retrying
+
+from . import logs, retry
+
+log = logs.get("stream")
+
+CONNECT_TIMEOUT = 10.0
+# recv wakes this often to notice a shutdown request.
+POLL_SECONDS = 0.5
+# We ping a quiet peer, and a peer silent for longer than IDLE_LIMIT (not even
+# a pong) is presumed dead: TCP alone can take many minutes to say so.
+PING_EVERY = 30.0
+IDLE_LIMIT = 75.0
+HEALTHY_AFTER = 30.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 1.0
+    cap: float = 60.0
+
+
+class StreamEnded(Exception):
+    """The peer closed the stream or went silent; time to reconnect."""
+
+
+class Follower:
+    """Keeps one websocket stream flowing into ``on_frame`` until ``stop`` is set.
+
+    ``url`` is called before every connection attempt. ``on_frame`` gets each
+    text or binary frame and may block (that is how back-pressure reaches the
+    socket); exceptions it raises are logged and the stream reconnects.
+    """
+
+    def __init__(
+        self,
+        *,
+        component: str,
+        url: Callable[[], str],
+        on_frame: Callable[[str | bytes], None],
+        stop: threading.Event,
+        backoff: Backoff,
+        ids: dict[str, Any] | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self._log = logs.get(component)
+        self._url = url
+        self._on_frame = on_frame
+        self._stop = stop
+        self._backoff = backoff
+        self._ids = ids or {}
+        self._on_connect = on_connect
+        self._ws: websocket.WebSocket | None = None
+        self.connections = 0
+        self.frames = 0
+        self._session_frames = 0
+
+    def run(self) -> None:
+        """Thread body: returns only once ``stop`` is set."""
+        while not self._stop.is_set():
+            try:
+                self._retrying()(self._session)
+            except Exception:
+                # The retry policy gives up only when stopping; anything else
+                # escaping here is a bug, logged so the thread survives it.
+                if not self._stop.is_set():
+                    self._log.exception("stream follower failed", extra=self._ids)
+            # Even after a healthy session, wait the shortest delay before
+            # reconnecting, so a peer that keeps dropping us is not hammered.
+            self._stop.wait(self._backoff.initial)
+
+    def close(self) -> None:
+        """Abort the current connection (used when a knot is released)."""
+        ws = self._ws
+        if ws is not None:
+            ws.abort()
+
+    def _retrying(self) -> Retrying:
+        return retry.until_stopped(
+            self._stop,
+            retry_if=lambda exc: True,
+            initial=self._backoff.initial,
+            cap=self._backoff.cap,
+            before_sleep=self._log_retry,
+        )
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0
+        self._log.warning(
+            "stream unavailable, reconnecting",
+            extra={
+                **self._ids,
+                "attempt": state.attempt_number,
+                "error": retry.last_error(state),
+                "retry_in_s": round(delay, 2),
+            },
+        )
+
+    def _session(self) -> None:
+        """One connection. Returns if it was healthy, raises if it was not.
+
+        Raising sends tenacity into backoff; returning resets it, so a healthy
+        connection that drops is retried promptly. Healthy means it delivered
+        frames or stayed up for HEALTHY_AFTER seconds (quiet knots are normal).
+        """
+        url = self._url()
+        ws = websocket.create_connection(
+            url, timeout=CONNECT_TIMEOUT, skip_utf8_validation=True, enable_multithread=True
+        )
+        self._ws = ws
+        self.connections += 1
+        started = time.monotonic()
+        self._session_frames = 0
+        self._log.info("stream connected", extra={**self._ids, "url": _redact(url)})
+        if self._on_connect:
+            self._on_connect()
+        try:
+            self._pump(ws)
+            reason = "stopping"
+        except (StreamEnded, websocket.WebSocketException, OSError) as exc:
+            reason = _describe(exc)
+        finally:
+            self._ws = None
+            ws.abort()
+        if self._stop.is_set():
+            return
+        healthy = self._session_frames > 0 or time.monotonic() - started >= HEALTHY_AFTER
+        if not healthy:
+            raise StreamEnded(reason)
+        self._log.info("stream ended", extra={**self._ids, "reason": reason})
+
+    def _pump(self, ws: websocket.WebSocket) -> None:
+        ws.settimeout(POLL_SECONDS)
+        last_heard = last_ping = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_heard > IDLE_LIMIT:
+                raise StreamEnded(f"silent for {IDLE_LIMIT:.0f}s")
+            if now - last_ping > PING_EVERY:
+                ws.ping()
+                last_ping = now
+            try:
+                opcode, data = ws.recv_data(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                continue
+            last_heard = time.monotonic()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise StreamEnded("closed by peer")
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                data = data.decode("utf-8", errors="replace")
+            elif opcode != websocket.ABNF.OPCODE_BINARY:
+                continue  # ping/pong: only proof of life
+            self.frames += 1
+            self._session_frames += 1
+            self._on_frame(data)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _redact(url: str) -> str:
+    """URLs are logged without their query beyond the cursor (no tokens leak)."""
+    return url.split("&wantedCollections")[0]

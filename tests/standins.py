@@ -1,0 +1,276 @@
+"""Local stand-ins for the network peers tack talks to, speaking protocol.md.
+
+These are real websocket servers on 127.0.0.1 (the ``websockets`` library),
+not mocks: tack connects to them exactly as it would to jetstream or a knot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.sync.server import ServerConnection, serve
+
+HOSTNAME = "spindle.test"
+OWNER = "did:plc:owner"
+BASE_TIME_US = 1_725_000_000_000_000
+MEMBER = "sh.tangled.spindle.member"
+REPO = "sh.tangled.repo"
+COLLABORATOR = "sh.tangled.repo.collaborator"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+# --- jetstream events ----------------------------------------------------------
+
+
+class Clock:
+    """Strictly increasing jetstream time_us values, 1 ms apart."""
+
+    def __init__(self, start: int = BASE_TIME_US) -> None:
+        self._counter = itertools.count(start, 1000)
+
+    def __call__(self) -> int:
+        return next(self._counter)
+
+
+def commit(
+    clock: Clock, did: str, collection: str, rkey: str, operation: str, record: dict | None = None
+) -> dict:
+    body: dict = {
+        "rev": "3l3qo2vutsw2b",
+        "operation": operation,
+        "collection": collection,
+        "rkey": rkey,
+    }
+    if operation != "delete":
+        body["cid"] = "bafyreibogus"
+        body["record"] = {"$type": collection, **(record or {})}
+    return {"did": did, "time_us": clock(), "kind": "commit", "commit": body}
+
+
+def member(subject: str, instance: str = HOSTNAME) -> dict:
+    return {"subject": subject, "instance": instance, "createdAt": "2026-01-01T00:00:00Z"}
+
+
+def repo(name: str, knot: str, spindle: str | None = HOSTNAME, repo_did: str | None = None) -> dict:
+    record = {"name": name, "knot": knot, "createdAt": "2026-01-01T00:00:00.123Z"}
+    if spindle is not None:
+        record["spindle"] = spindle
+    if repo_did is not None:
+        record["repoDid"] = repo_did
+    return record
+
+
+def collaborator(subject: str, repo_uri: str) -> dict:
+    return {"subject": subject, "repo": repo_uri, "createdAt": "2026-01-01T00:00:00Z"}
+
+
+def account_deleted(clock: Clock, did: str) -> dict:
+    return {
+        "did": did,
+        "time_us": clock(),
+        "kind": "account",
+        "account": {
+            "active": False,
+            "did": did,
+            "seq": 1,
+            "status": "deleted",
+            "time": "2026-01-01T00:00:00Z",
+        },
+    }
+
+
+@dataclass
+class _Frame:
+    time_us: int
+    collection: str | None  # None: sent whatever the filter (identity, account, garbage)
+    payload: str
+
+
+@dataclass
+class Subscription:
+    path: str
+    cursor: int | None
+    wanted: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+
+class JetstreamStandin:
+    """Serves prepared events like jetstream's v1 ``/subscribe``.
+
+    Honours ``wantedCollections`` and ``cursor`` (events with time_us >= cursor);
+    without a cursor it serves from the start when ``replay_without_cursor``,
+    else only events added after the connection (live tail, like jetstream).
+    """
+
+    def __init__(self, replay_without_cursor: bool = True) -> None:
+        self.replay_without_cursor = replay_without_cursor
+        self._frames: list[_Frame] = []
+        self._cond = threading.Condition()
+        self._generation = 0
+        self.subscriptions: list[Subscription] = []
+        self.sent = 0
+        self._server = serve(
+            self._handle, "127.0.0.1", 0, compression=None, ping_interval=None, max_size=None
+        )
+        self.port = self._server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/subscribe"
+
+    def add(self, *events: dict) -> None:
+        with self._cond:
+            for event in events:
+                collection = event.get("commit", {}).get("collection")
+                self._frames.append(_Frame(event["time_us"], collection, json.dumps(event)))
+            self._cond.notify_all()
+
+    def add_raw(self, payload: str, time_us: int) -> None:
+        """A frame sent verbatim to every subscriber (garbage, bad records)."""
+        with self._cond:
+            self._frames.append(_Frame(time_us, None, payload))
+            self._cond.notify_all()
+
+    def drop(self) -> None:
+        """Close every open connection now."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.drop()
+        self._server.shutdown()
+
+    def _handle(self, conn: ServerConnection) -> None:
+        query = parse_qs(urlsplit(conn.request.path).query)
+        wanted = query.get("wantedCollections", [])
+        cursor = int(query["cursor"][0]) if "cursor" in query else None
+        with self._cond:
+            self.subscriptions.append(Subscription(conn.request.path, cursor, wanted))
+            generation = self._generation
+            if cursor is not None:
+                index = next(
+                    (i for i, f in enumerate(self._frames) if f.time_us >= cursor),
+                    len(self._frames),
+                )
+            else:
+                index = 0 if self.replay_without_cursor else len(self._frames)
+        while True:
+            with self._cond:
+                while self._generation == generation and index >= len(self._frames):
+                    self._cond.wait(1.0)
+                if self._generation != generation:
+                    break
+                pending = self._frames[index:]
+            index += len(pending)
+            try:
+                for frame in pending:
+                    if frame.collection is None or frame.collection in wanted:
+                        conn.send(frame.payload)
+                        self.sent += 1
+            except Exception:
+                return
+        conn.close()
+
+
+# --- tack as a real process -----------------------------------------------------
+
+
+def tack_env(tmp: Path, jetstream_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp),
+        "SPINDLE_SERVER_HOSTNAME": HOSTNAME,
+        "SPINDLE_SERVER_OWNER": OWNER,
+        "SPINDLE_SERVER_DB_PATH": str(tmp / "spindle.db"),
+        "SPINDLE_SERVER_JETSTREAM_ENDPOINT": jetstream_url,
+        "SPINDLE_SERVER_LISTEN_ADDR": "127.0.0.1:0",
+        "SPINDLE_SERVER_LOG_DIR": str(tmp / "logs"),
+        "SPINDLE_SERVER_DEV": "true",
+        "TACK_RECONNECT_MIN_SECONDS": "0.05",
+        "TACK_RECONNECT_MAX_SECONDS": "0.5",
+    }
+    env.update(overrides)
+    return env
+
+
+class TackProcess:
+    """``python -m tack`` in a subprocess, its stderr (JSON logs) kept in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tack"], env=env, stdout=subprocess.DEVNULL, stderr=self._log
+        )
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.wait()
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            lines.append(json.loads(raw))
+        return lines
+
+
+# --- reading the store from outside ---------------------------------------------
+
+
+def db_rows(db_path: Path | str) -> dict[str, list[tuple]]:
+    """Every record row, sorted: a whole-state snapshot to compare."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return {
+            table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
+            for table in ("member", "repo", "collaborator")
+        }
+    finally:
+        conn.close()
+
+
+def db_cursor(db_path: Path | str, name: str = "jetstream") -> int | None:
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        row = conn.execute("SELECT value FROM cursor WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+    except sqlite3.OperationalError:
+        return None  # schema not created yet
+    finally:
+        conn.close()
