@@ -36,12 +36,6 @@ DRAIN_SECONDS = 4.0
 
 _KNOT_AFFECTING = (records.MEMBER, records.REPO)
 
-_APPLIERS: dict[str, Callable[[dict], None]] = {
-    records.MEMBER: store.upsert_member,
-    records.REPO: store.upsert_repo,
-    records.COLLABORATOR: store.upsert_collaborator,
-}
-
 
 def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
     """The v1 subscribe URL for our collections, resuming REWIND_US before ``cursor_us``."""
@@ -176,8 +170,7 @@ class Applier:
     def _commit(self, changes: list[Change], cursor: int) -> None:
         """The changes and the cursor land together or not at all."""
         with self._db.atomic():
-            for change in changes:
-                _write(change)
+            store.apply_changes(changes)
             if cursor and cursor != self.cursor:
                 store.save_cursor(CURSOR_NAME, cursor)
         self.cursor = cursor or self.cursor
@@ -213,15 +206,6 @@ class Applier:
         for knot in sorted(self._known_knots - wanted):
             self._knots.remove_knot(knot)
         self._known_knots = wanted
-
-
-def _write(change: Change) -> None:
-    if change.action == "upsert":
-        _APPLIERS[change.collection](change.row)
-    elif change.action == "delete":
-        store.delete_record(change.collection, change.did, change.rkey)
-    elif change.action == "delete_account":
-        store.delete_account(change.did)
 
 
 def _log_transient(state: RetryCallState) -> None:

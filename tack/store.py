@@ -8,6 +8,8 @@ the single applier writes.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sqlite3
 from collections.abc import Iterable
 
@@ -22,7 +24,7 @@ from peewee import (
     TextField,
 )
 
-from . import logs
+from . import logs, records
 
 log = logs.get("store")
 
@@ -175,36 +177,55 @@ def is_transient(exc: BaseException) -> bool:
 
 
 # --- record mutations (each an idempotent upsert or delete on (did, rkey)) ---
-
-
-def _upsert(model: type[BaseModel], row: dict) -> None:
-    key = [model.did, model.rkey]
-    columns = [model._meta.fields[name] for name in row if name not in ("did", "rkey")]
-    model.insert(**row).on_conflict(conflict_target=key, preserve=columns).execute()
-
-
-def upsert_member(row: dict) -> None:
-    _upsert(Member, row)
-
-
-def upsert_repo(row: dict) -> None:
-    _upsert(Repo, row)
-
-
-def upsert_collaborator(row: dict) -> None:
-    _upsert(Collaborator, row)
-
+#
+# Ingest writes tens of thousands of rows a second, and building a peewee
+# query per row costs more than SQLite's work. So peewee builds each
+# statement once (keeping its dialect handling), and a run of identical
+# statements goes to SQLite as one executemany, in arrival order.
 
 RECORD_MODELS: dict[str, type[BaseModel]] = {
-    "sh.tangled.spindle.member": Member,
-    "sh.tangled.repo": Repo,
-    "sh.tangled.repo.collaborator": Collaborator,
+    records.MEMBER: Member,
+    records.REPO: Repo,
+    records.COLLABORATOR: Collaborator,
 }
 
 
-def delete_record(collection: str, did: str, rkey: str) -> None:
+def _columns(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(model._meta.sorted_field_names)
+
+
+@functools.cache
+def _statement(action: str, collection: str) -> str:
     model = RECORD_MODELS[collection]
-    model.delete().where((model.did == did) & (model.rkey == rkey)).execute()
+    if action == "upsert":
+        columns = _columns(model)
+        values = [model._meta.fields[name] for name in columns if name not in ("did", "rkey")]
+        query = model.insert(**{name: name for name in columns}).on_conflict(
+            conflict_target=[model.did, model.rkey], preserve=values
+        )
+    else:
+        query = model.delete().where((model.did == "") & (model.rkey == ""))
+    return query.sql()[0]
+
+
+def _params(change: records.Change) -> tuple:
+    if change.action == "upsert":
+        row = change.row
+        return tuple(row[name] for name in _columns(RECORD_MODELS[change.collection]))
+    return (change.did, change.rkey)
+
+
+def apply_changes(changes: Iterable[records.Change]) -> None:
+    """Write changes in order; call inside a transaction."""
+    cursor = database.cursor()
+    for (action, collection), run in itertools.groupby(
+        changes, key=lambda c: (c.action, c.collection)
+    ):
+        if action in ("upsert", "delete"):
+            cursor.executemany(_statement(action, collection), [_params(c) for c in run])
+        elif action == "delete_account":
+            for change in run:
+                delete_account(change.did)
 
 
 def delete_account(did: str) -> None:

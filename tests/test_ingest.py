@@ -12,6 +12,7 @@ import pytest
 
 from tack import store
 from tack.jetstream import BATCH_MAX, REWIND_US
+from tack.records import Change
 
 from .standins import (
     COLLABORATOR,
@@ -426,17 +427,17 @@ def test_full_queue_pushes_back_on_the_reader(jetstream, make_spindle, clock):
 def test_schema_is_versioned_and_reopening_keeps_data(tmp_path: Path):
     path = str(tmp_path / "s.db")
     db = store.open_database(path)
-    store.upsert_repo(
-        {
-            "did": OWNER,
-            "rkey": "r",
-            "name": "n",
-            "knot": "k",
-            "spindle": HOSTNAME,
-            "repo_did": None,
-            "created_at": "2026-01-01T00:00:00Z",
-        }
-    )
+    row = {
+        "did": OWNER,
+        "rkey": "r",
+        "name": "n",
+        "knot": "k",
+        "spindle": HOSTNAME,
+        "repo_did": None,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    with db.atomic():
+        store.apply_changes([Change(1, "upsert", OWNER, REPO, "r", row)])
     store.save_cursor("jetstream", 42)
     db.close()
     db = store.open_database(path)
