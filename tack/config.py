@@ -112,25 +112,14 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"must be true or false (got {raw!r})")
 
 
-def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(raw: str) -> int | float:
         try:
-            value = int(raw.strip())
+            value = kind(raw.strip())
         except ValueError:
-            raise ValueError(f"must be a whole number (got {raw!r})") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high} (got {value})")
-        return value
-
-    return parse
-
-
-def _bounded_float(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(f"must be a number (got {raw!r})") from None
+            raise ValueError(f"must be {noun} (got {raw!r})") from None
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high} (got {value})")
         return value
@@ -204,14 +193,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SPINDLE_SERVER_QUEUE_SIZE",
         "queue_size",
-        _bounded_int(1, 1_000_000),
+        _bounded(int, 1, 1_000_000),
         "1000",
         "bound of the in-memory queue of jetstream frames awaiting the applier",
     ),
     Setting(
         "SPINDLE_SERVER_MAX_JOB_COUNT",
         "max_job_count",
-        _bounded_int(1, 1024),
+        _bounded(int, 1, 1024),
         "2",
         "how many workflows run at once",
     ),
@@ -246,14 +235,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TACK_RECONNECT_MIN_SECONDS",
         "reconnect_min",
-        _bounded_float(0.01, 600),
+        _bounded(float, 0.01, 600),
         "1",
         "first reconnect delay for jetstream and knot streams",
     ),
     Setting(
         "TACK_RECONNECT_MAX_SECONDS",
         "reconnect_max",
-        _bounded_float(0.01, 3600),
+        _bounded(float, 0.01, 3600),
         "60",
         "cap of the exponential reconnect delay",
     ),
