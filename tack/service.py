@@ -1,60 +1,128 @@
 """Wiring: one process, one database, the threads of every component.
 
-Start-up order matters: the store is migrated before any thread runs, and the
-knot side learns the wanted knots before the applier can change them.
-Shutdown reverses it, so the applier's last commit (with its cursor) happens
-before the database closes.
+Start-up order matters: the store is migrated and workflows a dead process
+left running are resolved before any thread runs; the knot side learns the
+wanted knots before the applier can change them. Shutdown first asks every
+component to stop, then waits for all of them against one deadline, so the
+whole stop stays within 10 s; the applier's last commit (with its cursor)
+lands before the database closes.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from . import logs, store
+from .backends import Backends, default_backends
 from .config import Config
+from .intake import Intake
 from .jetstream import Ingester
-from .knots import KnotSubscriptions, LoggedKnotSubscriptions
+from .knots import KnotConsumer, KnotSubscriptions
+from .scheduler import Scheduler
+from .server import App, Server
+from .statuses import StatusLog
 from .stream import Backoff
+from .worklogs import LogBook
 
 log = logs.get("service")
 
+STOP_DEADLINE = 8.0
+
 
 class Spindle:
-    def __init__(self, config: Config, knots: KnotSubscriptions | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        knots: KnotSubscriptions | None = None,
+        backends: Backends | None = None,
+    ) -> None:
         self.config = config
+        self.stop_event = threading.Event()
         self.db = store.open_database(config.db_path)
         self.directory = store.Directory(config.hostname, config.owner)
-        self.knots = knots if knots is not None else LoggedKnotSubscriptions()
-        wanted = self.directory.wanted_knots()
-        for knot in sorted(wanted):
-            self.knots.add_knot(knot)
+        self.statuses = StatusLog(self.db)
+        self.logbook = LogBook(config.log_dir)
+        self.backends = backends or default_backends()
+        backoff = Backoff(config.reconnect_min, config.reconnect_max)
+        self.scheduler = Scheduler(
+            self.db,
+            self.statuses,
+            self.logbook,
+            self.backends,
+            workers=config.max_job_count,
+            dev=config.dev,
+            stop=self.stop_event,
+        )
+        self.intake = Intake(
+            self.db,
+            self.directory,
+            self.statuses,
+            self.logbook,
+            self.backends,
+            on_accepted=self.scheduler.wake,
+            stop=self.stop_event,
+        )
+        self.knots = (
+            knots
+            if knots is not None
+            else KnotConsumer(
+                self.intake,
+                dev=config.dev,
+                backoff=backoff,
+                read_cursor=store.get_cursor,
+                write_cursor=store.save_cursor,
+            )
+        )
+        self.wanted_knots = self.directory.wanted_knots()
         self.ingester = Ingester(
             self.db,
             self.directory,
             self.knots,
             endpoint=config.jetstream_endpoint,
             queue_size=config.queue_size,
-            backoff=Backoff(config.reconnect_min, config.reconnect_max),
-            known_knots=wanted,
+            backoff=backoff,
+            known_knots=self.wanted_knots,
         )
+        app = App(
+            config.hostname, config.owner, self.statuses, self.logbook, self.db, self.stop_event
+        )
+        self.server = Server(config.listen, app)
 
     def start(self) -> None:
+        self.scheduler.start()
+        self.server.start()
+        for knot in sorted(self.wanted_knots):
+            self.knots.add_knot(knot)
         self.ingester.start()
         log.info(
             "tack started",
             extra={
                 "hostname": self.config.hostname,
                 "owner": self.config.owner,
+                "port": self.server.port,
                 "cursor": self.ingester.applier.cursor,
             },
         )
 
     def stop(self) -> None:
         log.info("tack stopping")
-        self.ingester.stop()
+        deadline = time.monotonic() + STOP_DEADLINE
+        self.stop_event.set()
+        self.ingester.stop_event.set()
+        self.ingester.reader.close()
+        if isinstance(self.knots, KnotConsumer):
+            self.knots.stop(timeout=_left(deadline))
+        self.scheduler.stop(timeout=_left(deadline))
+        self.ingester.stop(timeout=_left(deadline))
+        self.server.stop()
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})
         self.db.close()
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.1)
 
 
 def run(config: Config) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import peewee
 from peewee import (
+    AutoField,
     BigIntegerField,
     CompositeKey,
     DatabaseProxy,
@@ -34,6 +35,10 @@ database = DatabaseProxy()
 # SQLite reports "database is locked". Kept short: the ingest path retries
 # with its own backoff (and logs it), which beats one silent long stall.
 BUSY_TIMEOUT_MS = 2000
+
+
+def pipeline_uri(knot: str, rkey: str) -> str:
+    return f"at://did:web:{knot}/sh.tangled.pipeline/{rkey}"
 
 
 class BaseModel(Model):
@@ -99,6 +104,51 @@ class Cursor(BaseModel):
     value = BigIntegerField()
 
 
+class Pipeline(BaseModel):
+    """An accepted pipeline. Its existence is the dedupe mark: (knot, rkey) runs once."""
+
+    knot = TextField()
+    rkey = TextField()
+    repo_owner = TextField()
+    repo_name = TextField()
+    record = TextField()  # the pipeline record as received, JSON
+    accepted_at = BigIntegerField()  # unix ns
+
+    class Meta:
+        primary_key = CompositeKey("knot", "rkey")
+
+    @property
+    def at_uri(self) -> str:
+        return pipeline_uri(self.knot, self.rkey)
+
+
+class Workflow(BaseModel):
+    """One workflow of an accepted pipeline; ``status`` is its latest status event."""
+
+    id = AutoField()
+    knot = TextField()
+    rkey = TextField()
+    name = TextField()
+    engine = TextField()
+    status = TextField()
+    error = TextField(null=True)
+    exit_code = IntegerField(null=True)
+    backend_state = TextField(null=True)  # JSON a backend keeps to resume (remote run id)
+    created_at = BigIntegerField()
+    updated_at = BigIntegerField()
+
+
+class StatusEvent(BaseModel):
+    """The append-only log served on /events; ``frame`` is the exact text sent."""
+
+    id = AutoField()
+    rkey = TextField(unique=True)
+    created = BigIntegerField(unique=True)  # unix ns, strictly increasing with id
+    workflow_id = IntegerField()
+    status = TextField()
+    frame = TextField()
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
 
@@ -128,7 +178,25 @@ _V1 = (
     "CREATE TABLE cursor (name TEXT NOT NULL PRIMARY KEY, value BIGINT NOT NULL)",
 )
 
-MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1)]
+_V2 = (
+    """CREATE TABLE pipeline (
+        knot TEXT NOT NULL, rkey TEXT NOT NULL, repo_owner TEXT NOT NULL,
+        repo_name TEXT NOT NULL, record TEXT NOT NULL, accepted_at BIGINT NOT NULL,
+        PRIMARY KEY (knot, rkey))""",
+    """CREATE TABLE workflow (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, knot TEXT NOT NULL, rkey TEXT NOT NULL,
+        name TEXT NOT NULL, engine TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
+        exit_code INTEGER, backend_state TEXT, created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL, UNIQUE (knot, rkey, name),
+        FOREIGN KEY (knot, rkey) REFERENCES pipeline (knot, rkey))""",
+    "CREATE INDEX workflow_status ON workflow (status, id)",
+    """CREATE TABLE status_event (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, rkey TEXT NOT NULL UNIQUE,
+        created BIGINT NOT NULL UNIQUE, workflow_id INTEGER NOT NULL REFERENCES workflow (id),
+        status TEXT NOT NULL, frame TEXT NOT NULL)""",
+)
+
+MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2)]
 
 
 def migrate(db: peewee.Database) -> int:

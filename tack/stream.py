@@ -8,6 +8,7 @@ reconnect resumes from what was actually processed.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import websocket
 from tenacity import RetryCallState, Retrying
+from websocket._abnf import continuous_frame, frame_buffer
 
 from . import logs, retry
 
@@ -29,6 +31,32 @@ POLL_SECONDS = 0.5
 PING_EVERY = 30.0
 IDLE_LIMIT = 75.0
 HEALTHY_AFTER = 30.0
+# No peer may make us buffer more than this for one message: websocket-client
+# itself would read any announced length into memory.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+class _BoundedFrameBuffer(frame_buffer):
+    def recv_strict(self, bufsize: int) -> bytes:
+        if bufsize > MAX_MESSAGE_BYTES:
+            raise websocket.WebSocketPayloadException(f"frame of {bufsize} bytes is too large")
+        return super().recv_strict(bufsize)
+
+
+class _BoundedMessages(continuous_frame):
+    def add(self, frame: websocket.ABNF) -> None:
+        super().add(frame)
+        if self.cont_data and len(self.cont_data[1]) > MAX_MESSAGE_BYTES:
+            raise websocket.WebSocketPayloadException("fragmented message is too large")
+
+
+class BoundedWebSocket(websocket.WebSocket):
+    """websocket-client's socket with a cap on what one message may occupy."""
+
+    def __init__(self, *args: Any, skip_utf8_validation: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, skip_utf8_validation=skip_utf8_validation, **kwargs)
+        self.frame_buffer = _BoundedFrameBuffer(self._recv, skip_utf8_validation)
+        self.cont_frame = _BoundedMessages(False, skip_utf8_validation)
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,9 @@ class Follower:
         backoff: Backoff,
         ids: dict[str, Any] | None = None,
         on_connect: Callable[[], None] | None = None,
+        open_socket: Callable[[str], socket.socket] | None = None,
+        give_up_on: tuple[type[Exception], ...] = (),
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self._log = logs.get(component)
         self._url = url
@@ -67,6 +98,9 @@ class Follower:
         self._backoff = backoff
         self._ids = ids or {}
         self._on_connect = on_connect
+        self._open_socket = open_socket
+        self._give_up_on = give_up_on
+        self._on_disconnect = on_disconnect
         self._ws: websocket.WebSocket | None = None
         self.connections = 0
         self.frames = 0
@@ -77,6 +111,9 @@ class Follower:
         while not self._stop.is_set():
             try:
                 self._retrying()(self._session)
+            except self._give_up_on as exc:
+                self._log.warning("stream abandoned", extra={**self._ids, "reason": str(exc)})
+                return
             except Exception:
                 # The retry policy gives up only when stopping; anything else
                 # escaping here is a bug, logged so the thread survives it.
@@ -95,7 +132,7 @@ class Follower:
     def _retrying(self) -> Retrying:
         return retry.until_stopped(
             self._stop,
-            retry_if=lambda exc: True,
+            retry_if=lambda exc: not isinstance(exc, self._give_up_on),
             initial=self._backoff.initial,
             cap=self._backoff.cap,
             before_sleep=self._log_retry,
@@ -121,8 +158,18 @@ class Follower:
         frames or stayed up for HEALTHY_AFTER seconds (quiet knots are normal).
         """
         url = self._url()
+        options: dict[str, Any] = {}
+        if self._open_socket is not None:
+            # The caller vets and connects the address itself (and does TLS),
+            # so what was checked is exactly what we talk to.
+            options["socket"] = self._open_socket(url)
         ws = websocket.create_connection(
-            url, timeout=CONNECT_TIMEOUT, skip_utf8_validation=True, enable_multithread=True
+            url,
+            timeout=CONNECT_TIMEOUT,
+            class_=BoundedWebSocket,
+            skip_utf8_validation=True,
+            enable_multithread=True,
+            **options,
         )
         self._ws = ws
         self.connections += 1
@@ -139,6 +186,8 @@ class Follower:
         finally:
             self._ws = None
             ws.abort()
+            if self._on_disconnect:
+                self._on_disconnect()
         if self._stop.is_set():
             return
         healthy = self._session_frames > 0 or time.monotonic() - started >= HEALTHY_AFTER

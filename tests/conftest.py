@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tack import config
+from tack.knots import LoggedKnotSubscriptions
 from tack.service import Spindle
 
 from .standins import Clock, JetstreamStandin, tack_env
@@ -30,9 +31,11 @@ def make_spindle(tmp_path: Path, jetstream: JetstreamStandin) -> Iterator:
     """Build (and later stop) an in-process Spindle: the real threads, the real store."""
     started: list[Spindle] = []
 
-    def build(start: bool = True, **overrides: str) -> Spindle:
+    def build(start: bool = True, real_knots: bool = False, **overrides: str) -> Spindle:
+        """Ingest tests watch the applier's knot decisions, not knot connections."""
         env = tack_env(tmp_path, jetstream.url, **overrides)
-        spindle = Spindle(config.load(env))
+        knots = None if real_knots else LoggedKnotSubscriptions()
+        spindle = Spindle(config.load(env), knots=knots)
         if start:
             spindle.start()
         started.append(spindle)

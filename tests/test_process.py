@@ -54,11 +54,14 @@ def test_help_explains_every_setting():
         ({"SPINDLE_SERVER_LISTEN_ADDR": "6555"}, "SPINDLE_SERVER_LISTEN_ADDR", "HOST:PORT"),
         ({"SPINDLE_SERVER_QUEUE_SIZE": "lots"}, "SPINDLE_SERVER_QUEUE_SIZE", "whole number"),
         ({"SPINDLE_SERVER_DEV": "maybe"}, "SPINDLE_SERVER_DEV", "true or false"),
-        ({"SPINDLE_SERVER_JETSTREAM_ENDPOINT": "http://x"}, "SPINDLE_SERVER_JETSTREAM_ENDPOINT",
-         "ws://"),
+        (
+            {"SPINDLE_SERVER_JETSTREAM_ENDPOINT": "http://x"},
+            "SPINDLE_SERVER_JETSTREAM_ENDPOINT",
+            "ws://",
+        ),
         ({"TACK_LOG_FORMAT": "xml"}, "TACK_LOG_FORMAT", "json"),
     ],
-)  # fmt: skip
+)
 def test_bad_setting_exits_2_with_one_line_naming_it(tmp_path, override, setting, phrase):
     env = tack_env(tmp_path, "ws://127.0.0.1:9/subscribe", **override)
     env = {k: v for k, v in env.items() if v != "" or k not in override}

@@ -1,0 +1,262 @@
+"""The scheduler: a bounded pool of workers running queued workflows.
+
+The queue is the store (workflows whose status is ``pending``), so the
+backlog survives restarts and nothing is held only in memory. Claiming a
+workflow and announcing ``running`` is one transaction, under the status log's
+lock, so two workers never take the same one.
+
+Every accepted workflow ends (invariant 4): a run ends in exactly one final
+status; a workflow a dead process left ``running`` is resumed by its backend
+when the backend can, else finished as failed with ``RESTART_ERROR``. On
+shutdown running workflows are told to stop but keep their ``running``
+status, which the next start resolves the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import peewee
+from tenacity import RetryCallState
+
+from . import logs, pipelines, retry, store
+from .backends import Backend, Backends, Job, Outcome
+from .statuses import FINAL, PENDING, RUNNING, StatusLog
+from .store import Pipeline, Workflow
+from .workflow import WorkflowError, parse
+from .worklogs import LogBook
+
+log = logs.get("scheduler")
+
+RESTART_ERROR = "tack restarted while this workflow ran"
+SecretsFor = Callable[[Pipeline], dict[str, str]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: peewee.Database,
+        statuses: StatusLog,
+        logbook: LogBook,
+        backends: Backends,
+        *,
+        workers: int,
+        dev: bool,
+        stop: threading.Event,
+        secrets_for: SecretsFor = lambda pipeline: {},
+    ) -> None:
+        self._db = db
+        self._statuses = statuses
+        self._logbook = logbook
+        self._backends = backends
+        self._workers = workers
+        self._dev = dev
+        self._stop = stop
+        self._secrets_for = secrets_for
+        self._work = threading.Condition()
+        self._resumable: deque[int] = deque()
+        self._cancels: dict[int, threading.Event] = {}
+        self._threads: list[threading.Thread] = []
+        self._shutting_down = False
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._recover()
+        for index in range(self._workers):
+            thread = threading.Thread(target=self._worker, name=f"worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New work is in the store."""
+        with self._work:
+            self._work.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._shutting_down = True
+        for cancel in list(self._cancels.values()):
+            cancel.set()
+        self.wake()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _recover(self) -> None:
+        for workflow in Workflow.select().where(Workflow.status == RUNNING):
+            backend = self._backends.resolve(workflow.engine)
+            if backend is not None and type(backend).resume is not Backend.resume:
+                log.info("resuming workflow", extra=_ids(workflow))
+                self._resumable.append(workflow.id)
+                continue
+            workflow_log = self._logbook.open(workflow.id)
+            workflow_log.error(RESTART_ERROR)
+            workflow_log.close()
+            self._finish(workflow, Outcome("failed", RESTART_ERROR))
+
+    # --- cancelling -------------------------------------------------------------------
+
+    def cancel(self, workflow_id: int) -> str:
+        """Cancel a workflow: ``cancelled``, ``already final`` or ``unknown``.
+
+        The status is final at once; a running backend is told through its
+        job's cancel event and whatever it reports later is ignored.
+        """
+
+        def attempt() -> str:
+            with self._statuses.writing() as statuses:
+                workflow = Workflow.get_or_none(Workflow.id == workflow_id)
+                if workflow is None:
+                    return "unknown"
+                if workflow.status in FINAL:
+                    return "already final"
+                statuses.append(workflow, "cancelled")
+            event = self._cancels.get(workflow_id)
+            if event is not None:
+                event.set()
+            return "cancelled"
+
+        return self._with_retry(attempt)
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                claimed = self._claim()
+                if claimed is None:
+                    with self._work:
+                        self._work.wait(1.0)
+                    continue
+                self._execute(*claimed)
+            except Exception:
+                # The workflow, if any, stays running and is resolved on the
+                # next start; the worker itself carries on.
+                log.exception("worker failed")
+                self._stop.wait(1.0)
+
+    def _claim(self) -> tuple[Workflow, bool] | None:
+        if self._resumable:
+            try:
+                workflow = Workflow.get_by_id(self._resumable.popleft())
+            except IndexError:
+                return None
+            self._cancels[workflow.id] = threading.Event()
+            return workflow, True
+
+        def attempt() -> Workflow | None:
+            with self._statuses.writing() as statuses:
+                workflow = (
+                    Workflow.select()
+                    .where(Workflow.status == PENDING)
+                    .order_by(Workflow.id)
+                    .first()
+                )
+                if workflow is None:
+                    return None
+                statuses.append(workflow, RUNNING)
+                self._cancels[workflow.id] = threading.Event()
+                return workflow
+
+        workflow = self._with_retry(attempt)
+        return None if workflow is None else (workflow, False)
+
+    def _execute(self, workflow: Workflow, resume: bool) -> None:
+        cancel = self._cancels[workflow.id]
+        pipeline = Pipeline.get((Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey))
+        secrets = self._secrets_for(pipeline)
+        workflow_log = self._logbook.open(workflow.id, secrets.values())
+        try:
+            outcome = self._run(workflow, pipeline, secrets, cancel, workflow_log, resume)
+        finally:
+            workflow_log.close()
+        try:
+            # A run stopped by our own shutdown is not the user's cancel: it
+            # stays running and the next start resumes or fails it.
+            if not (self._shutting_down and outcome.status == "cancelled"):
+                self._finish(workflow, outcome)
+        finally:
+            self._cancels.pop(workflow.id, None)
+
+    def _run(self, workflow, pipeline, secrets, cancel, workflow_log, resume) -> Outcome:
+        backend = self._backends.resolve(workflow.engine)
+        if backend is None:
+            error = f'unknown engine "{workflow.engine}"'
+            workflow_log.error(error)
+            return Outcome("failed", error)
+        try:
+            job = self._job(workflow, pipeline, secrets, cancel)
+        except WorkflowError as exc:
+            workflow_log.error(str(exc), "workflow file")
+            return Outcome("failed", str(exc))
+        try:
+            if resume:
+                outcome = backend.resume(job, workflow_log)
+                return outcome or Outcome("failed", RESTART_ERROR)
+            return backend.run(job, workflow_log)
+        except Exception as exc:
+            log.exception("backend failed", extra=_ids(workflow))
+            error = f"backend {backend.name} failed: {type(exc).__name__}: {exc}"[:1000]
+            workflow_log.error(workflow_log.mask(error))
+            return Outcome("failed", workflow_log.mask(error))
+
+    def _job(self, workflow, pipeline, secrets, cancel) -> Job:
+        record = json.loads(pipeline.record)
+        entry = next(w for w in record["workflows"] if w["name"] == workflow.name)
+        uri = pipeline.at_uri
+
+        def save_state(state: dict) -> None:
+            text = json.dumps(state)
+            self._with_retry(
+                lambda: (
+                    Workflow.update(backend_state=text).where(Workflow.id == workflow.id).execute()
+                )
+            )
+
+        return Job(
+            workflow_id=workflow.id,
+            knot=workflow.knot,
+            rkey=workflow.rkey,
+            name=workflow.name,
+            engine=workflow.engine,
+            pipeline_uri=uri,
+            pipeline=record,
+            workflow=entry,
+            spec=parse(entry["raw"]),
+            env=pipelines.tangled_env(record, uri, pipeline.repo_name, self._dev),
+            secrets=secrets,
+            cancel=cancel,
+            state=json.loads(workflow.backend_state or "{}"),
+            save_state=save_state,
+        )
+
+    def _finish(self, workflow: Workflow, outcome: Outcome) -> None:
+        status = outcome.status if outcome.status in FINAL else "failed"
+
+        def attempt() -> None:
+            with self._statuses.writing() as statuses:
+                statuses.append(workflow, status, outcome.error, outcome.exit_code)
+
+        self._with_retry(attempt)
+
+    def _with_retry(self, operation):
+        return retry.until_stopped(
+            self._stop,
+            retry_if=store.is_transient,
+            initial=0.05,
+            cap=2.0,
+            before_sleep=_log_busy,
+        )(operation)
+
+
+def _ids(workflow: Workflow) -> dict:
+    return {"knot": workflow.knot, "rkey": workflow.rkey, "workflow": workflow.name}
+
+
+def _log_busy(state: RetryCallState) -> None:
+    log.warning(
+        "store busy, retrying",
+        extra={"attempt": state.attempt_number, "error": retry.last_error(state)},
+    )

@@ -1,0 +1,368 @@
+"""The spindle's one port: banner, XRPC, ``/events`` and ``/logs`` websockets.
+
+A threaded HTTP server (a thread per connection, blocking I/O). Websocket
+upgrades are handed to wsproto's protocol layer, so tack never frames bytes
+itself, and plain requests (XRPC, CI callbacks) share the port.
+
+A subscriber costs a thread and nothing else: it pulls frames from the store
+at its own pace, so the runner and other subscribers never wait on it. A
+subscriber that stops reading fills its socket buffer; the send then times
+out and the subscriber is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
+from wsproto.frame_protocol import FrameProtocol
+
+from . import __version__, logs
+from .config import is_hostname
+from .pipelines import is_rkey, is_workflow_name
+from .statuses import FINAL, StatusLog
+from .store import Workflow
+from .worklogs import LogBook, read_lines
+
+log = logs.get("server")
+
+PING_EVERY = 30.0
+SEND_TIMEOUT = 10.0
+SEND_BUFFER = 256 * 1024
+MAX_BODY = 64 * 1024
+
+Route = Callable[["Handler", dict[str, list[str]]], None]
+
+
+class ClientGone(Exception):
+    """The websocket peer closed, or was dropped for not reading."""
+
+
+class ServerWebSocket:
+    """The server side of one upgraded connection."""
+
+    def __init__(self, sock: socket.socket, conn: WSConnection) -> None:
+        self._sock = sock
+        self._conn = conn
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        sock.settimeout(SEND_TIMEOUT)
+        self._last_ping = time.monotonic()
+        self.open = True
+
+    def send_text(self, text: str) -> None:
+        self._send(self._conn.send(Message(data=text)))
+
+    def send_encoded(self, data: bytes) -> None:
+        """Frames already encoded by ``encode_text_frames`` (shared by subscribers)."""
+        self._send(data)
+
+    def ping_if_due(self) -> None:
+        if time.monotonic() - self._last_ping >= PING_EVERY:
+            self._send(self._conn.send(Ping()))
+            self._last_ping = time.monotonic()
+
+    def poll(self) -> None:
+        """Answer what the peer sent (pings, close); raise ClientGone once it closed."""
+        while self.open and select.select([self._sock], [], [], 0)[0]:
+            try:
+                data = self._sock.recv(65536)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if not data:
+                raise ClientGone("connection closed")
+            self._conn.receive_data(data)
+            for event in self._conn.events():
+                if isinstance(event, Ping):
+                    self._send(self._conn.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self._send(self._conn.send(event.response()))
+                    self.open = False
+                    raise ClientGone("closed by peer")
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if not self.open:
+            return
+        self.open = False
+        try:
+            self._send(self._conn.send(CloseConnection(code=code, reason=reason)))
+            self._sock.settimeout(1.0)
+            self._sock.recv(1024)  # the peer's closing handshake, best effort
+        except (OSError, ClientGone):
+            pass
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:  # includes the send timeout of a stalled reader
+            self.open = False
+            raise ClientGone(f"send failed: {exc}") from None
+
+
+_encoder_lock = threading.Lock()
+_encoder = FrameProtocol(client=False, extensions=[])
+
+
+def encode_text_frames(texts: list[str]) -> bytes:
+    """Server-to-client frames are unmasked, so one encoding serves every subscriber."""
+    with _encoder_lock:
+        return b"".join(_encoder.send_data(text, fin=True) for text in texts)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: TackHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"tack/{__version__}"
+
+    def do_GET(self) -> None:
+        self._dispatch(self.server.app.get_routes)
+
+    def do_POST(self) -> None:
+        self._dispatch(self.server.app.post_routes)
+
+    def _dispatch(self, routes: dict[str, Route]) -> None:
+        parts = urlsplit(self.path)
+        route = routes.get(parts.path)
+        if route is None:
+            for prefix, prefixed in self.server.app.prefix_routes.items():
+                if parts.path.startswith(prefix) and self.command == "GET":
+                    route = prefixed
+                    break
+        if route is None:
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": "NotFound", "message": "no such route"})
+            return
+        try:
+            route(self, parse_qs(parts.query))
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("request failed", extra={"path": parts.path})
+            if not getattr(self, "_upgraded", False):
+                self.send_json(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    {"error": "InternalError", "message": "internal error"},
+                )
+        finally:
+            self.server.app.release_db()
+
+    # --- helpers for routes ---------------------------------------------------------
+
+    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, payload: Any) -> None:
+        self.send_body(status, json.dumps(payload).encode(), "application/json")
+
+    def read_json(self) -> Any:
+        """The request body as JSON, or None after answering 4xx."""
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.send_json(
+                HTTPStatus.LENGTH_REQUIRED,
+                {"error": "InvalidRequest", "message": "Content-Length required"},
+            )
+            return None
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            self.send_json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": "InvalidRequest", "message": f"body over {MAX_BODY} bytes"},
+            )
+            return None
+        try:
+            return json.loads(self.rfile.read(length))
+        except ValueError:
+            self.send_json(
+                HTTPStatus.BAD_REQUEST, {"error": "InvalidRequest", "message": "body is not JSON"}
+            )
+            return None
+
+    def upgrade(self) -> ServerWebSocket | None:
+        """Complete the websocket handshake, or answer 400 and return None."""
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            self.send_json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": "InvalidRequest", "message": "websocket upgrade required"},
+            )
+            return None
+        conn = WSConnection(ConnectionType.SERVER)
+        head = self.requestline + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        conn.receive_data((head + "\r\n").encode("latin-1"))
+        for event in conn.events():
+            if isinstance(event, Request):
+                self.wfile.write(conn.send(AcceptConnection()))
+                self.wfile.flush()
+                self._upgraded = True
+                self.close_connection = True
+                return ServerWebSocket(self.connection, conn)
+        self.send_json(
+            HTTPStatus.BAD_REQUEST,
+            {"error": "InvalidRequest", "message": "bad websocket handshake"},
+        )
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(
+            "http", extra={"request": self.requestline[:200], "client": self.client_address[0]}
+        )
+
+
+class TackHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    app: App
+
+
+class App:
+    """Routes and the state they read."""
+
+    def __init__(
+        self,
+        hostname: str,
+        owner: str,
+        statuses: StatusLog,
+        logbook: LogBook,
+        db: Any,
+        stop: threading.Event,
+    ) -> None:
+        self.hostname = hostname
+        self.owner = owner
+        self.statuses = statuses
+        self.logbook = logbook
+        self.db = db
+        self.stop = stop
+        self.get_routes: dict[str, Route] = {
+            "/": self.banner,
+            "/xrpc/sh.tangled.owner": self.owner_route,
+            "/events": self.events,
+        }
+        self.post_routes: dict[str, Route] = {}
+        self.prefix_routes: dict[str, Route] = {"/logs/": self.logs}
+
+    def release_db(self) -> None:
+        """Each connection thread's database handle closes with its request."""
+        if not self.db.is_closed():
+            self.db.close()
+
+    def banner(self, handler: Handler, query: dict) -> None:
+        text = (
+            f"This is tack {__version__}, a Tangled spindle (CI) at {self.hostname}.\n"
+            "It runs Tangled pipelines on the CI its operator configured.\n"
+        )
+        handler.send_body(HTTPStatus.OK, text.encode(), "text/plain; charset=utf-8")
+
+    def owner_route(self, handler: Handler, query: dict) -> None:
+        handler.send_json(HTTPStatus.OK, {"owner": self.owner})
+
+    # --- /events ------------------------------------------------------------------------
+
+    def events(self, handler: Handler, query: dict) -> None:
+        raw_cursor = (query.get("cursor") or ["0"])[0]
+        if not raw_cursor.isdigit() or len(raw_cursor) > 20:
+            handler.send_json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": "InvalidRequest", "message": "cursor must be unix ns"},
+            )
+            return
+        cursor = int(raw_cursor)
+        ws = handler.upgrade()
+        if ws is None:
+            return
+        after = self.statuses.first_id_after(cursor) if cursor else self.statuses.latest_id
+        client = handler.client_address[0]
+        log.info("events subscriber connected", extra={"client": client, "cursor": cursor})
+        try:
+            while not self.stop.is_set():
+                ws.poll()
+                frames = self.statuses.frames_after(after)
+                if frames:
+                    ws.send_encoded(encode_text_frames([frame for _, frame in frames]))
+                    after = frames[-1][0]
+                    continue
+                ws.ping_if_due()
+                self.statuses.wait_beyond(after, 1.0)
+            ws.close(1001, "spindle shutting down")
+        except ClientGone as exc:
+            log.info("events subscriber gone", extra={"client": client, "reason": str(exc)})
+
+    # --- /logs/<knot>/<rkey>/<workflow> ---------------------------------------------------
+
+    def logs(self, handler: Handler, query: dict) -> None:
+        parts = urlsplit(handler.path).path.split("/")
+        if len(parts) != 5 or not (
+            is_hostname(parts[2]) and is_rkey(parts[3]) and is_workflow_name(parts[4])
+        ):
+            handler.send_json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": "InvalidRequest", "message": "expected /logs/<knot>/<rkey>/<workflow>"},
+            )
+            return
+        knot, rkey, name = parts[2].lower(), parts[3], parts[4]
+        workflow = Workflow.get_or_none(
+            (Workflow.knot == knot) & (Workflow.rkey == rkey) & (Workflow.name == name)
+        )
+        ws = handler.upgrade()
+        if ws is None:
+            return
+        if workflow is None:
+            ws.close(1008, "unknown workflow")
+            return
+        self._follow_log(ws, workflow.id)
+
+    def _follow_log(self, ws: ServerWebSocket, workflow_id: int) -> None:
+        path = self.logbook.path(workflow_id)
+        offset = 0
+        try:
+            while not self.stop.is_set():
+                ws.poll()
+                version = self.logbook.version
+                lines, offset = read_lines(path, offset)
+                if lines:
+                    ws.send_encoded(encode_text_frames(lines))
+                    continue
+                if Workflow.get_by_id(workflow_id).status in FINAL:
+                    # Lines are written before the final status commits, so
+                    # one more read after seeing it finds everything.
+                    lines, offset = read_lines(path, offset)
+                    if lines:
+                        ws.send_encoded(encode_text_frames(lines))
+                    ws.close(1000, "workflow finished")
+                    return
+                ws.ping_if_due()
+                self.logbook.wait(version, 1.0)
+            ws.close(1001, "spindle shutting down")
+        except ClientGone:
+            pass
+
+
+class Server:
+    def __init__(self, listen: tuple[str, int], app: App) -> None:
+        self.httpd = TackHTTPServer(listen, Handler)
+        self.httpd.app = app
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("listening", extra={"address": self.httpd.server_address[0], "port": self.port})
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,156 @@
+"""Workflow logs: one JSON-lines file per workflow, in the official line format.
+
+Files live in ``SPINDLE_SERVER_LOG_DIR`` and are named by the workflow's
+numeric id, never by anything from a record, so no untrusted string reaches a
+path. A line is written whole, in one ``write``, so a follower reading the
+file while it grows sees only complete lines (it stops at the last newline).
+Secrets are masked before a line is built, so no copy of a secret is ever on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from .statuses import rfc3339
+
+SYSTEM_STEP, USER_STEP = 0, 1
+MAX_CONTENT = 64 * 1024
+MASK = "***"
+
+
+class LogBook:
+    def __init__(self, log_dir: str | Path) -> None:
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._changed = threading.Condition()
+        self._version = 0
+
+    def path(self, workflow_id: int) -> Path:
+        return self.dir / f"{int(workflow_id)}.jsonl"
+
+    def open(
+        self, workflow_id: int, secrets: Iterable[str] = (), fresh: bool = False
+    ) -> WorkflowLog:
+        """Append to a workflow's log; ``fresh`` starts it over (a retried intake)."""
+        return WorkflowLog(self, self.path(workflow_id), secrets, "w" if fresh else "a")
+
+    def notify(self) -> None:
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def wait(self, seen_version: int, timeout: float) -> int:
+        """Wait until any log grew since ``seen_version``; the new version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != seen_version, timeout)
+            return self._version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+
+def secret_variants(secrets: Iterable[str]) -> list[str]:
+    """Each secret as it could appear in output: verbatim and base64-encoded."""
+    variants: set[str] = set()
+    for value in secrets:
+        if len(value) < 3:  # masking "a" would shred the whole log
+            continue
+        variants.add(value)
+        variants.add(base64.b64encode(value.encode()).decode().rstrip("="))
+    # Longest first, so a secret containing another is masked whole.
+    return sorted(variants, key=len, reverse=True)
+
+
+class WorkflowLog:
+    """Appends one workflow's lines; safe to call from several threads."""
+
+    def __init__(self, book: LogBook, path: Path, secrets: Iterable[str], mode: str) -> None:
+        self._book = book
+        self._lock = threading.Lock()
+        self._file = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._secrets = secret_variants(secrets)
+        self.lines = 0
+
+    def mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def start_step(self, step_id: int, name: str, kind: int, command: str | None = None) -> None:
+        line = self._control(step_id, name, "start", kind)
+        if command is not None:
+            line["step_command"] = self.mask(command)
+        self._write(line)
+
+    def end_step(self, step_id: int, name: str, kind: int) -> None:
+        self._write(self._control(step_id, name, "end", kind))
+
+    def data(self, step_id: int, content: str, stream: str = "stdout") -> None:
+        self._write(
+            {
+                "kind": "data",
+                "content": self._clip(content),
+                "time": _now(),
+                "step_id": step_id,
+                "stream": stream,
+            }
+        )
+
+    def error(self, message: str, step_name: str = "error") -> None:
+        """A failure before (or outside) any step still shows up as a step."""
+        self.start_step(0, step_name, SYSTEM_STEP)
+        self.data(0, message, "stderr")
+        self.end_step(0, step_name, SYSTEM_STEP)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+    def _control(self, step_id: int, name: str, status: str, kind: int) -> dict:
+        return {
+            "kind": "control",
+            "content": self._clip(name),
+            "time": _now(),
+            "step_id": step_id,
+            "step_status": status,
+            "step_kind": kind,
+        }
+
+    def _clip(self, text: str) -> str:
+        return self.mask(text[:MAX_CONTENT])
+
+    def _write(self, line: dict) -> None:
+        text = json.dumps(line, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file.closed:
+                return  # the workflow already ended; late output is dropped
+            self._file.write(text)
+            self._file.flush()
+            self.lines += 1
+        self._book.notify()
+
+
+def _now() -> str:
+    return rfc3339(time.time_ns())
+
+
+def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """Complete lines from ``offset`` on, and the offset after the last one."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read(4 * 1024 * 1024)
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    complete = chunk[: end + 1]
+    return complete.decode("utf-8", errors="replace").splitlines(), offset + len(complete)
