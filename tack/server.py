@@ -48,6 +48,10 @@ class ClientGone(Exception):
     """The websocket peer closed, or was dropped for not reading."""
 
 
+class ClientStalled(ClientGone):
+    """The peer stopped reading: a send could not finish within SEND_TIMEOUT."""
+
+
 class ServerWebSocket:
     """The server side of one upgraded connection."""
 
@@ -103,7 +107,10 @@ class ServerWebSocket:
     def _send(self, data: bytes) -> None:
         try:
             self._sock.sendall(data)
-        except OSError as exc:  # includes the send timeout of a stalled reader
+        except TimeoutError:
+            self.open = False
+            raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s") from None
+        except OSError as exc:
             self.open = False
             raise ClientGone(f"send failed: {exc}") from None
 
@@ -296,6 +303,8 @@ class App:
                 ws.ping_if_due()
                 self.statuses.wait_beyond(after, 1.0)
             ws.close(1001, "spindle shutting down")
+        except ClientStalled as exc:
+            log.warning("events subscriber dropped", extra={"client": client, "reason": str(exc)})
         except ClientGone as exc:
             log.info("events subscriber gone", extra={"client": client, "reason": str(exc)})
 

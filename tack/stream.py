@@ -37,26 +37,58 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 
 class _BoundedFrameBuffer(frame_buffer):
+    """Reads an over-long frame's payload in chunks and drops it.
+
+    Closing the connection instead would not help: the peer replays the
+    same frame after every reconnect, and the stream would never pass it.
+    Progress is kept across recv timeouts (websocket-client resumes a frame).
+    """
+
+    def __init__(self, *args: Any, on_oversized: Callable[[int], None]) -> None:
+        super().__init__(*args)
+        self._on_oversized = on_oversized
+        self._discarding = 0
+
     def recv_strict(self, bufsize: int) -> bytes:
-        if bufsize > MAX_MESSAGE_BYTES:
-            raise websocket.WebSocketPayloadException(f"frame of {bufsize} bytes is too large")
-        return super().recv_strict(bufsize)
+        if bufsize <= MAX_MESSAGE_BYTES and not self._discarding:
+            return super().recv_strict(bufsize)
+        if not self._discarding:
+            self._discarding = bufsize
+        while self._discarding:
+            chunk = super().recv_strict(min(self._discarding, 65536))
+            self._discarding -= len(chunk)
+        self._on_oversized(bufsize)
+        return b""
 
 
 class _BoundedMessages(continuous_frame):
+    """Drops a fragmented message once its fragments add up to too much."""
+
+    def __init__(self, *args: Any, on_oversized: Callable[[int], None]) -> None:
+        super().__init__(*args)
+        self._on_oversized = on_oversized
+        self._dropped = 0
+
     def add(self, frame: websocket.ABNF) -> None:
         super().add(frame)
-        if self.cont_data and len(self.cont_data[1]) > MAX_MESSAGE_BYTES:
-            raise websocket.WebSocketPayloadException("fragmented message is too large")
+        if self.cont_data and (self._dropped or len(self.cont_data[1]) > MAX_MESSAGE_BYTES):
+            self._dropped += len(self.cont_data[1])
+            self.cont_data[1] = b""
+        if frame.fin and self._dropped:
+            self._on_oversized(self._dropped)
+            self._dropped = 0
 
 
 class BoundedWebSocket(websocket.WebSocket):
-    """websocket-client's socket with a cap on what one message may occupy."""
+    """websocket-client's socket with a cap on what one message may occupy.
 
-    def __init__(self, *args: Any, skip_utf8_validation: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, skip_utf8_validation=skip_utf8_validation, **kwargs)
-        self.frame_buffer = _BoundedFrameBuffer(self._recv, skip_utf8_validation)
-        self.cont_frame = _BoundedMessages(False, skip_utf8_validation)
+    An over-long message arrives as an empty one, after ``on_oversized``.
+    """
+
+    def __init__(self, on_oversized: Callable[[int], None]) -> None:
+        super().__init__(skip_utf8_validation=True, enable_multithread=True)
+        self.frame_buffer = _BoundedFrameBuffer(self._recv, True, on_oversized=on_oversized)
+        self.cont_frame = _BoundedMessages(False, True, on_oversized=on_oversized)
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,12 @@ class Follower:
             before_sleep=self._log_retry,
         )
 
+    def _log_oversized(self, size: int) -> None:
+        self._log.warning(
+            "oversized message dropped",
+            extra={**self._ids, "size": size, "limit": MAX_MESSAGE_BYTES},
+        )
+
     def _log_retry(self, state: RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0
         self._log.warning(
@@ -163,14 +201,8 @@ class Follower:
             # The caller vets and connects the address itself (and does TLS),
             # so what was checked is exactly what we talk to.
             options["socket"] = self._open_socket(url)
-        ws = websocket.create_connection(
-            url,
-            timeout=CONNECT_TIMEOUT,
-            class_=BoundedWebSocket,
-            skip_utf8_validation=True,
-            enable_multithread=True,
-            **options,
-        )
+        ws = BoundedWebSocket(on_oversized=self._log_oversized)
+        ws.connect(url, timeout=CONNECT_TIMEOUT, **options)
         self._ws = ws
         self.connections += 1
         started = time.monotonic()
@@ -216,6 +248,8 @@ class Follower:
                 data = data.decode("utf-8", errors="replace")
             elif opcode != websocket.ABNF.OPCODE_BINARY:
                 continue  # ping/pong: only proof of life
+            if not data:
+                continue  # an oversized message, dropped and logged
             self.frames += 1
             self._session_frames += 1
             self._on_frame(data)

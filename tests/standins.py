@@ -243,11 +243,18 @@ class TackProcess:
         finally:
             self._log.close()
 
+    def wait_for_log(self, message: str, timeout: float = 20.0) -> dict:
+        """The first log line with ``message`` (waiting for it to be written)."""
+
+        def find() -> dict | None:
+            return next((line for line in self.log_lines() if line["message"] == message), None)
+
+        return wait_until(find, timeout, what=f"log line {message!r}")
+
     def log_lines(self) -> list[dict]:
-        lines = []
-        for raw in self.log_path.read_text().splitlines():
-            lines.append(json.loads(raw))
-        return lines
+        # Only complete lines: the process may be mid-write.
+        text = self.log_path.read_text()
+        return [json.loads(raw) for raw in text[: text.rfind("\n") + 1].splitlines()]
 
 
 # --- reading the store from outside ---------------------------------------------
@@ -274,3 +281,103 @@ def db_cursor(db_path: Path | str, name: str = "jetstream") -> int | None:
         return None  # schema not created yet
     finally:
         conn.close()
+
+
+# --- knots -------------------------------------------------------------------------
+
+
+def tid_now(offset_us: int = 0) -> str:
+    from tack import tid
+
+    return tid.encode(time.time_ns() // 1000 + offset_us, 7)
+
+
+def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[str, str, str]],
+                  sha: str = "a" * 40) -> dict:  # fmt: skip
+    """A sh.tangled.pipeline record for a push; workflows are (name, engine, raw)."""
+    return {
+        "triggerMetadata": {
+            "kind": "push",
+            "repo": {"knot": knot, "did": owner, "repo": repo_name, "defaultBranch": "main"},
+            "push": {"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": sha},
+        },
+        "workflows": [
+            {"name": name, "engine": engine, "raw": raw,
+             "clone": {"skip": True, "depth": 1, "submodules": False, "tags": False}}
+            for name, engine, raw in workflows
+        ],
+    }  # fmt: skip
+
+
+class KnotStandin:
+    """A knot's ``/events`` stream (protocol §2): replays events newer than the
+    cursor (unix ns, the knot's clock), then streams live ones."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[int, str]] = []  # (created ns, frame text)
+        self._cond = threading.Condition()
+        self._generation = 0
+        self.cursors: list[int | None] = []
+        self.open_connections = 0
+        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
+                             max_size=None)  # fmt: skip
+        self.port = self._server.socket.getsockname()[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def name(self) -> str:
+        """The knot's name as repo records and pipelines carry it."""
+        return f"127.0.0.1:{self.port}"
+
+    def send(self, rkey: str, nsid: str, event: object) -> None:
+        self.send_raw(json.dumps({"rkey": rkey, "nsid": nsid, "event": event}))
+
+    def send_pipeline(self, record: dict, rkey: str | None = None) -> str:
+        rkey = rkey or tid_now()
+        self.send(rkey, "sh.tangled.pipeline", record)
+        return rkey
+
+    def send_raw(self, frame: str) -> None:
+        with self._cond:
+            self._events.append((time.time_ns(), frame))
+            self._cond.notify_all()
+
+    def drop(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.drop()
+        self._server.shutdown()
+
+    def _handle(self, conn: ServerConnection) -> None:
+        query = parse_qs(urlsplit(conn.request.path).query)
+        cursor = int(query["cursor"][0]) if "cursor" in query else None
+        with self._cond:
+            self.cursors.append(cursor)
+            self.open_connections += 1
+            generation = self._generation
+            index = 0
+            if cursor is not None:
+                while index < len(self._events) and self._events[index][0] <= cursor:
+                    index += 1
+        try:
+            while True:
+                with self._cond:
+                    while self._generation == generation and index >= len(self._events):
+                        self._cond.wait(0.5)
+                        if conn.close_code is not None:
+                            return
+                    if self._generation != generation:
+                        conn.close()
+                        return
+                    pending = self._events[index:]
+                index += len(pending)
+                for _, frame in pending:
+                    conn.send(frame)
+        except Exception:
+            return
+        finally:
+            with self._cond:
+                self.open_connections -= 1
