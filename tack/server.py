@@ -12,6 +12,7 @@ out and the subscriber is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
 from wsproto.frame_protocol import FrameProtocol
 
 from . import __version__, logs
@@ -37,6 +38,10 @@ from .worklogs import LogBook, read_lines
 log = logs.get("server")
 
 PING_EVERY = 30.0
+# After sending, a subscriber waits this long before looking again, so a burst
+# of events goes out as one write instead of waking every subscriber per event.
+# The first event after a quiet spell is still sent at once.
+LINGER = 0.005
 SEND_TIMEOUT = 10.0
 SEND_BUFFER = 256 * 1024
 MAX_BODY = 64 * 1024
@@ -53,43 +58,76 @@ class ClientStalled(ClientGone):
 
 
 class ServerWebSocket:
-    """The server side of one upgraded connection."""
+    """The server side of one upgraded connection.
+
+    Writes come from two threads: the connection's own (control frames,
+    /logs lines) and the broadcaster (live /events). Every write holds
+    ``_write_lock``, and bytes the socket could not take yet stay in
+    ``_backlog``, so whatever is written next lands after them: frames are
+    never interleaved.
+    """
 
     def __init__(self, sock: socket.socket, conn: WSConnection) -> None:
         self._sock = sock
         self._conn = conn
+        self._conn_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._backlog = bytearray()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        sock.settimeout(SEND_TIMEOUT)
+        # tack batches its own writes; Nagle would hold each small frame
+        # until the peer's delayed ACK (~40 ms) arrives.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Non-blocking for good: a Python socket with a timeout would wait in
+        # send() even when asked not to, and stall the broadcaster.
+        sock.setblocking(False)
         self._last_ping = time.monotonic()
         self.open = True
 
-    def send_text(self, text: str) -> None:
-        self._send(self._conn.send(Message(data=text)))
-
     def send_encoded(self, data: bytes) -> None:
-        """Frames already encoded by ``encode_text_frames`` (shared by subscribers)."""
+        """Frames already encoded by ``encode_text_frames``; blocks until written."""
         self._send(data)
+
+    def send_nowait(self, data: bytes = b"") -> bool:
+        """Write what the socket takes now and keep the rest; True once nothing is left."""
+        with self._write_lock:
+            self._backlog += data
+            while self._backlog:
+                try:
+                    sent = self._sock.send(self._backlog)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self.open = False
+                    raise ClientGone(f"send failed: {exc}") from None
+                del self._backlog[:sent]
+            return True
 
     def ping_if_due(self) -> None:
         if time.monotonic() - self._last_ping >= PING_EVERY:
-            self._send(self._conn.send(Ping()))
+            self._send_event(Ping())
             self._last_ping = time.monotonic()
 
-    def poll(self) -> None:
-        """Answer what the peer sent (pings, close); raise ClientGone once it closed."""
-        while self.open and select.select([self._sock], [], [], 0)[0]:
+    def poll(self, timeout: float = 0.0) -> None:
+        """Answer what the peer sent (pings, close), waiting up to ``timeout`` for it;
+        raise ClientGone once it closed."""
+        while self.open and select.select([self._sock], [], [], timeout)[0]:
+            timeout = 0.0
             try:
                 data = self._sock.recv(65536)
+            except BlockingIOError:
+                continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             if not data:
                 raise ClientGone("connection closed")
-            self._conn.receive_data(data)
-            for event in self._conn.events():
+            with self._conn_lock:
+                self._conn.receive_data(data)
+                events = list(self._conn.events())
+            for event in events:
                 if isinstance(event, Ping):
-                    self._send(self._conn.send(event.response()))
+                    self._send_event(event.response())
                 elif isinstance(event, CloseConnection):
-                    self._send(self._conn.send(event.response()))
+                    self._send_event(event.response())
                     self.open = False
                     raise ClientGone("closed by peer")
 
@@ -98,31 +136,160 @@ class ServerWebSocket:
             return
         self.open = False
         try:
-            self._send(self._conn.send(CloseConnection(code=code, reason=reason)))
-            self._sock.settimeout(1.0)
-            self._sock.recv(1024)  # the peer's closing handshake, best effort
+            self._send_event(CloseConnection(code=code, reason=reason))
+            if select.select([self._sock], [], [], 1.0)[0]:
+                self._sock.recv(1024)  # the peer's closing handshake, best effort
         except (OSError, ClientGone):
             pass
 
+    def abort(self) -> None:
+        """Cut the connection now (a dropped subscriber); its reader wakes and ends."""
+        self.open = False
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _send_event(self, event: Any) -> None:
+        with self._conn_lock:
+            data = self._conn.send(event)
+        self._send(data)
+
     def _send(self, data: bytes) -> None:
+        with self._write_lock:
+            if self._backlog:
+                # Behind a partly written frame: queue after it for the
+                # broadcaster to flush, keeping frame boundaries intact.
+                self._backlog += data
+                return
+            self._write_all(memoryview(data))
+
+    def _write_all(self, view: memoryview) -> None:
+        """Blocking write with a deadline: a peer that reads nothing for
+        SEND_TIMEOUT is stalled, and we stop waiting for it."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while view:
+            try:
+                view = view[self._sock.send(view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.open = False
+                raise ClientGone(f"send failed: {exc}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.open = False
+                raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s")
+            select.select([], [self._sock], [], left)
+
+
+class _Subscription:
+    def __init__(self, ws: ServerWebSocket, after: int, client: str) -> None:
+        self.ws = ws
+        self.after = after
+        self.client = client
+        self.stuck_since: float | None = None
+        self.ended = threading.Event()
+
+
+class Broadcaster:
+    """One thread writes live status events to every /events subscriber.
+
+    Writes never block: a subscriber whose socket is full keeps its position
+    and at most one batch of unsent bytes, so it costs the others nothing; if
+    it takes nothing for SEND_TIMEOUT it is dropped. One thread (rather than
+    one per subscriber) means a burst of events costs one pass, not a hundred
+    thread wake-ups competing with the workers that produce the events.
+    """
+
+    BATCH = 1000
+
+    def __init__(self, statuses: StatusLog, stop: threading.Event) -> None:
+        self._statuses = statuses
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._subscriptions: list[_Subscription] = []
+        self._thread = threading.Thread(target=self._run, name="events-broadcast", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def subscribe(self, ws: ServerWebSocket, after: int, client: str) -> _Subscription:
+        subscription = _Subscription(ws, after, client)
+        with self._lock:
+            self._subscriptions = [*self._subscriptions, subscription]
+        self._statuses.nudge()
+        return subscription
+
+    def unsubscribe(self, subscription: _Subscription) -> None:
+        with self._lock:
+            self._subscriptions = [s for s in self._subscriptions if s is not subscription]
+
+    def _run(self) -> None:
+        seen = -1
+        busy = False
+        while not self._stop.is_set():
+            if busy:
+                self._stop.wait(LINGER)  # let a burst gather into one write
+            else:
+                self._statuses.wait_beyond(seen, 0.25)
+            seen = self._statuses.latest_id
+            busy = False
+            for subscription in self._subscriptions:
+                try:
+                    busy |= self._serve(subscription)
+                except Exception:
+                    log.exception("broadcast failed", extra={"client": subscription.client})
+                    self._end(subscription)
+
+    def _serve(self, subscription: _Subscription) -> bool:
+        """Send what this subscriber can take; True if it has more to come."""
+        ws = subscription.ws
         try:
-            self._sock.sendall(data)
-        except TimeoutError:
-            self.open = False
-            raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s") from None
-        except OSError as exc:
-            self.open = False
-            raise ClientGone(f"send failed: {exc}") from None
+            if ws.send_nowait():
+                last, encoded = self._statuses.frames_after(subscription.after, self.BATCH)
+                if not encoded:
+                    subscription.stuck_since = None
+                    return False
+                subscription.after = last
+                if ws.send_nowait(encoded):
+                    subscription.stuck_since = None
+                    return True
+        except ClientGone:
+            self._end(subscription)
+            return False
+        now = time.monotonic()
+        if subscription.stuck_since is None:
+            subscription.stuck_since = now
+        elif now - subscription.stuck_since > SEND_TIMEOUT:
+            log.warning(
+                "events subscriber dropped",
+                extra={
+                    "client": subscription.client,
+                    "reason": f"not reading for {SEND_TIMEOUT:.0f}s",
+                },
+            )
+            self._end(subscription)
+            return False
+        return True
+
+    def _end(self, subscription: _Subscription) -> None:
+        self.unsubscribe(subscription)
+        subscription.ended.set()
+        subscription.ws.abort()
 
 
 _encoder_lock = threading.Lock()
 _encoder = FrameProtocol(client=False, extensions=[])
 
 
-def encode_text_frames(texts: list[str]) -> bytes:
+def encode_text_frame(text: str) -> bytes:
     """Server-to-client frames are unmasked, so one encoding serves every subscriber."""
     with _encoder_lock:
-        return b"".join(_encoder.send_data(text, fin=True) for text in texts)
+        return bytes(_encoder.send_data(text, fin=True))
+
+
+def encode_text_frames(texts: list[str]) -> bytes:
+    return b"".join(encode_text_frame(text) for text in texts)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -252,6 +419,7 @@ class App:
         self.logbook = logbook
         self.db = db
         self.stop = stop
+        self.broadcaster = Broadcaster(statuses, stop)
         self.get_routes: dict[str, Route] = {
             "/": self.banner,
             "/xrpc/sh.tangled.owner": self.owner_route,
@@ -292,21 +460,19 @@ class App:
         after = self.statuses.first_id_after(cursor) if cursor else self.statuses.latest_id
         client = handler.client_address[0]
         log.info("events subscriber connected", extra={"client": client, "cursor": cursor})
+        subscription = self.broadcaster.subscribe(ws, after, client)
+        # This thread only reads (pings, close); the broadcaster writes events.
         try:
-            while not self.stop.is_set():
-                ws.poll()
-                frames = self.statuses.frames_after(after)
-                if frames:
-                    ws.send_encoded(encode_text_frames([frame for _, frame in frames]))
-                    after = frames[-1][0]
-                    continue
+            while not self.stop.is_set() and not subscription.ended.is_set():
+                ws.poll(timeout=1.0)
                 ws.ping_if_due()
-                self.statuses.wait_beyond(after, 1.0)
-            ws.close(1001, "spindle shutting down")
-        except ClientStalled as exc:
-            log.warning("events subscriber dropped", extra={"client": client, "reason": str(exc)})
+            if not subscription.ended.is_set():
+                ws.close(1001, "spindle shutting down")
         except ClientGone as exc:
-            log.info("events subscriber gone", extra={"client": client, "reason": str(exc)})
+            if not subscription.ended.is_set():
+                log.info("events subscriber gone", extra={"client": client, "reason": str(exc)})
+        finally:
+            self.broadcaster.unsubscribe(subscription)
 
     # --- /logs/<knot>/<rkey>/<workflow> ---------------------------------------------------
 
@@ -369,6 +535,7 @@ class Server:
         return self.httpd.server_address[1]
 
     def start(self) -> None:
+        self.httpd.app.broadcaster.start()
         self._thread.start()
         log.info("listening", extra={"address": self.httpd.server_address[0], "port": self.port})
 

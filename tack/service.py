@@ -21,7 +21,7 @@ from .intake import Intake
 from .jetstream import Ingester
 from .knots import KnotConsumer, KnotSubscriptions
 from .scheduler import Scheduler
-from .server import App, Server
+from .server import App, Server, encode_text_frame
 from .statuses import StatusLog
 from .stream import Backoff
 from .worklogs import LogBook
@@ -42,7 +42,7 @@ class Spindle:
         self.stop_event = threading.Event()
         self.db = store.open_database(config.db_path)
         self.directory = store.Directory(config.hostname, config.owner)
-        self.statuses = StatusLog(self.db)
+        self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
         self.backends = backends or default_backends()
         backoff = Backoff(config.reconnect_min, config.reconnect_max)

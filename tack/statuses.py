@@ -13,11 +13,12 @@ Invariants this module keeps (design invariants 4 and 5):
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -35,6 +36,11 @@ NEW, PENDING, RUNNING = "new", "pending", "running"
 FINAL = frozenset({"success", "failed", "timeout", "cancelled"})
 ALL = frozenset({PENDING, RUNNING}) | FINAL
 _RANK = {NEW: -1, PENDING: 0, RUNNING: 1, **dict.fromkeys(FINAL, 2)}
+# The statuses a workflow may be in for a move to each status to be allowed.
+_MAY_FOLLOW = {
+    status: [before for before in (NEW, PENDING, RUNNING) if _RANK[before] < _RANK[status]]
+    for status in _RANK
+}
 
 
 def rfc3339(ns: int) -> str:
@@ -42,15 +48,27 @@ def rfc3339(ns: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}Z"
 
 
+# How many of the newest events are kept in memory, already encoded for the
+# wire: live subscribers read them without touching SQLite, so a hundred
+# subscribers cost the producer nothing. Older backfill comes from the store.
+RECENT_EVENTS = 20_000
+
+
 class StatusLog:
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, encode: Callable[[str], bytes] = str.encode) -> None:
         self._db = db
+        self._encode = encode
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._clock_id = random.randrange(1024)
         last = StatusEvent.select(peewee.fn.MAX(StatusEvent.created)).scalar()
         self._last_created = last or 0
         self.latest_id = StatusEvent.select(peewee.fn.MAX(StatusEvent.id)).scalar() or 0
+        self._uncommitted: list[tuple[int, bytes]] = []
+        self._nudged = False
+        # Parallel lists, ascending ids; replaced (not mutated) under _changed.
+        self._recent_ids: list[int] = []
+        self._recent_frames: list[bytes] = []
 
     # --- writing ------------------------------------------------------------------
 
@@ -62,10 +80,24 @@ class StatusLog:
         every write that belongs with the statuses (pipeline rows, workflows).
         """
         with self._lock:
-            with self._db.atomic():
-                yield self
-            self.latest_id = StatusEvent.select(peewee.fn.MAX(StatusEvent.id)).scalar() or 0
+            self._uncommitted = []
+            try:
+                with self._db.atomic():
+                    yield self
+            except BaseException:
+                self._uncommitted = []
+                raise
+            if self._uncommitted:
+                self._publish(self._uncommitted)
+
+    def _publish(self, events: list[tuple[int, bytes]]) -> None:
         with self._changed:
+            ids = self._recent_ids + [event_id for event_id, _ in events]
+            frames = self._recent_frames + [frame for _, frame in events]
+            if len(ids) > RECENT_EVENTS:
+                ids, frames = ids[-RECENT_EVENTS:], frames[-RECENT_EVENTS:]
+            self._recent_ids, self._recent_frames = ids, frames
+            self.latest_id = ids[-1]
             self._changed.notify_all()
 
     def append(
@@ -98,9 +130,10 @@ class StatusLog:
         if exit_code is not None:
             event["exitCode"] = exit_code
         frame = json.dumps({"rkey": rkey, "nsid": NSID, "event": event}, separators=(",", ":"))
-        StatusEvent.create(
+        row = StatusEvent.create(
             rkey=rkey, created=created, workflow_id=workflow.id, status=status, frame=frame
         )
+        self._uncommitted.append((row.id, self._encode(frame)))
         workflow.status = status
         log.info(
             "workflow status",
@@ -133,16 +166,39 @@ class StatusLog:
         )
         return last or 0
 
-    def frames_after(self, after_id: int, limit: int = 500) -> list[tuple[int, str]]:
+    def frames_after(self, after_id: int, limit: int = 500) -> tuple[int, bytes]:
+        """Encoded frames of events after ``after_id`` (at most ``limit``), and the
+        id of the last one; ``(after_id, b"")`` when there is none yet."""
+        with self._changed:
+            ids, frames = self._recent_ids, self._recent_frames
+        if ids and after_id >= ids[0] - 1:
+            start = bisect.bisect_right(ids, after_id)
+            end = min(start + limit, len(ids))
+            if start == end:
+                return after_id, b""
+            return ids[end - 1], b"".join(frames[start:end])
         query = (
             StatusEvent.select(StatusEvent.id, StatusEvent.frame)
             .where(StatusEvent.id > after_id)
             .order_by(StatusEvent.id)
             .limit(limit)
         )
-        return [(row.id, row.frame) for row in query]
+        rows = list(query)
+        if not rows:
+            return after_id, b""
+        return rows[-1].id, b"".join(self._encode(row.frame) for row in rows)
+
+    def nudge(self) -> None:
+        """Wake whoever waits in ``wait_beyond`` (a new subscriber needs serving)."""
+        with self._changed:
+            self._nudged = True
+            self._changed.notify_all()
 
     def wait_beyond(self, after_id: int, timeout: float) -> bool:
         """Block until an event newer than ``after_id`` exists, or ``timeout``."""
         with self._changed:
-            return self._changed.wait_for(lambda: self.latest_id > after_id, timeout)
+            woke = self._changed.wait_for(
+                lambda: self.latest_id > after_id or self._nudged, timeout
+            )
+            self._nudged = False
+            return woke

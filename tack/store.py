@@ -226,6 +226,10 @@ def open_database(path: str) -> SqliteDatabase:
             "synchronous": "normal",
         },
         check_same_thread=False,
+        # Transactions take the write lock when they begin. A deferred one
+        # that reads first and writes later fails outright (no busy wait)
+        # when another connection committed in between.
+        lock_type="IMMEDIATE",
     )
     database.initialize(db)
     db.connect(reuse_if_open=True)

@@ -1,0 +1,48 @@
+"""What the benchmarks share: a real tack process beside loopback stand-ins."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tests.standins import TackProcess, tack_env
+
+
+class BenchTack:
+    """``python -m tack`` in a temporary directory, quiet logs, its port known."""
+
+    def __init__(self, jetstream_url: str, **env: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        path = Path(self._tmp.name)
+        settings = tack_env(path, jetstream_url, TACK_LOG_LEVEL="info", **env)
+        self.proc = TackProcess(settings, path / "tack.log")
+        self.port = self.proc.wait_for_log("listening", timeout=30)["port"]
+        self.db_path = path / "spindle.db"
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(current, peak) resident set size in MB."""
+        fields = {}
+        with open(f"/proc/{self.proc.proc.pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                fields[key] = value
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self._tmp.cleanup()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
+
+
+def report(result: dict) -> None:
+    """Benchmarks end with one JSON object on the last line."""
+    print(json.dumps(result))
