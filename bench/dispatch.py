@@ -10,7 +10,7 @@ import os
 import threading
 import time
 
-from common import BenchTack, percentile, report
+from _common import BenchTack, percentile, report
 
 from tests.spindle_clients import EventsClient
 from tests.standins import (
@@ -63,7 +63,14 @@ def main() -> None:
         latencies.append((pending_at[rkey] - sent) * 1000)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     if os.environ.get("BENCH_VERBOSE"):
-        print("p90", percentile(latencies, 0.9), "p95", percentile(latencies, 0.95), "max", max(latencies))
+        print(
+            "p90",
+            percentile(latencies, 0.9),
+            "p95",
+            percentile(latencies, 0.95),
+            "max",
+            max(latencies),
+        )
         print("slowest indexes", sorted(range(len(latencies)), key=lambda i: -latencies[i])[:15])
     print(f"{PIPELINES} pipelines: dispatch p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     tack.stop()

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import time
 
-from common import BenchTack, report
+from _common import BenchTack, report
 
 from tests.standins import (
     OWNER,
