@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.standins import TackProcess, tack_env
+from tests.standins import (
+    OWNER,
+    REPO,
+    Clock,
+    JetstreamStandin,
+    KnotStandin,
+    TackProcess,
+    commit,
+    repo,
+    tack_env,
+)
 
 
 class BenchTack:
@@ -46,3 +57,13 @@ def percentile(values: list[float], fraction: float) -> float:
 def report(result: dict) -> None:
     """Benchmarks end with one JSON object on the last line."""
     print(json.dumps(result))
+
+
+def tack_serving_one_repo(**env: str) -> tuple[BenchTack, KnotStandin, str]:
+    """A tack process following a knot stand-in that hosts OWNER's repo; (tack, knot, repo)."""
+    jetstream, knot = JetstreamStandin(), KnotStandin()
+    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("bench", knot.name)))
+    tack = BenchTack(jetstream.url, **env)
+    while knot.open_connections < 1:
+        time.sleep(0.01)
+    return tack, knot, "bench"

@@ -10,29 +10,19 @@ import os
 import threading
 import time
 
-from _common import BenchTack, percentile, report
+from _common import percentile, report, tack_serving_one_repo
 
 from tests.spindle_clients import EventsClient
 from tests.standins import (
     OWNER,
-    REPO,
-    Clock,
-    JetstreamStandin,
-    KnotStandin,
-    commit,
     push_pipeline,
-    repo,
 )
 
 PIPELINES = int(os.environ.get("BENCH_PIPELINES", "1000"))
 
 
 def main() -> None:
-    jetstream, knot = JetstreamStandin(), KnotStandin()
-    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("bench", knot.name)))
-    tack = BenchTack(jetstream.url)
-    while knot.open_connections < 1:
-        time.sleep(0.01)
+    tack, knot, repo_name = tack_serving_one_repo()
     client = EventsClient(tack.port)
     seen = threading.Condition()
     pending_at: dict[str, float] = {}
@@ -54,7 +44,9 @@ def main() -> None:
     threading.Thread(target=read, daemon=True).start()
     latencies = []
     for index in range(PIPELINES):
-        record = push_pipeline(knot.name, OWNER, "bench", [(f"w{index}.yml", "dummy", "steps: []")])
+        record = push_pipeline(
+            knot.name, OWNER, repo_name, [(f"w{index}.yml", "dummy", "steps: []")]
+        )
         sent = time.perf_counter()
         rkey = knot.send_pipeline(record)
         with seen:

@@ -13,17 +13,11 @@ import multiprocessing
 import os
 import time
 
-from _common import BenchTack, report
+from _common import report, tack_serving_one_repo
 
 from tests.standins import (
     OWNER,
-    REPO,
-    Clock,
-    JetstreamStandin,
-    KnotStandin,
-    commit,
     push_pipeline,
-    repo,
 )
 
 SUBSCRIBERS = int(os.environ.get("BENCH_SUBSCRIBERS", "100"))
@@ -65,11 +59,7 @@ def subscribe(port: int, count: int, expected: int, ready, results) -> None:
 
 
 def main() -> None:
-    jetstream, knot = JetstreamStandin(), KnotStandin()
-    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("bench", knot.name)))
-    tack = BenchTack(jetstream.url, SPINDLE_SERVER_MAX_JOB_COUNT="4")
-    while knot.open_connections < 1:
-        time.sleep(0.01)
+    tack, knot, repo_name = tack_serving_one_repo(SPINDLE_SERVER_MAX_JOB_COUNT="4")
     workflows = EVENTS // 3
     expected = workflows * 3
     ready, results = multiprocessing.Queue(), multiprocessing.Queue()
@@ -86,7 +76,7 @@ def main() -> None:
         names = [
             (f"w{i}.yml", "dummy", "steps: []") for i in range(first, min(first + 60, workflows))
         ]
-        knot.send_pipeline(push_pipeline(knot.name, OWNER, "bench", names))
+        knot.send_pipeline(push_pipeline(knot.name, OWNER, repo_name, names))
     finished = max(results.get(timeout=300) for _ in clients)
     for client in clients:
         client.join()

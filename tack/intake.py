@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable
 
 import peewee
-from tenacity import RetryCallState
 
-from . import logs, pipelines, retry, store, tid
+from . import logs, pipelines, retry, tid
 from .backends import Backends
 from .pipelines import PipelineRecord, Rejected
 from .statuses import NEW, PENDING, StatusLog
@@ -72,13 +71,9 @@ class Intake:
         except Rejected as exc:
             log.warning("pipeline rejected", extra={**ids, "reason": str(exc)})
             return knot_time
-        accepted = retry.until_stopped(
-            self._stop,
-            retry_if=store.is_transient,
-            initial=0.05,
-            cap=2.0,
-            before_sleep=_log_busy,
-        )(self._accept, knot, rkey, pipeline, repo)
+        accepted = retry.store_writes(self._stop, log, "store busy, retrying intake")(
+            self._accept, knot, rkey, pipeline, repo
+        )
         if accepted:
             log.info(
                 "pipeline accepted",
@@ -164,10 +159,3 @@ def _decode_frame(frame: str | bytes) -> tuple[str, str, object] | None:
     if not pipelines.is_rkey(rkey) or not isinstance(nsid, str) or len(nsid) > 317:
         return None
     return rkey, nsid, event.get("event")
-
-
-def _log_busy(state: RetryCallState) -> None:
-    log.warning(
-        "store busy, retrying intake",
-        extra={"attempt": state.attempt_number, "error": retry.last_error(state)},
-    )

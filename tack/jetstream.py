@@ -16,7 +16,6 @@ from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import peewee
-from tenacity import RetryCallState
 
 from . import logs, records, retry, store
 from .knots import KnotSubscriptions
@@ -178,13 +177,7 @@ class Applier:
 
     def _with_retry(self, operation: Callable[[], object]) -> object:
         """Retry I/O trouble in place, forever, until it works or we shut down."""
-        retrying = retry.until_stopped(
-            self._stop,
-            retry_if=store.is_transient,
-            initial=0.05,
-            cap=2.0,
-            before_sleep=_log_transient,
-        )
+        retrying = retry.store_writes(self._stop, log, "store busy, retrying the same events")
         try:
             return retrying(operation)
         except Exception as exc:
@@ -206,13 +199,6 @@ class Applier:
         for knot in sorted(self._known_knots - wanted):
             self._knots.remove_knot(knot)
         self._known_knots = wanted
-
-
-def _log_transient(state: RetryCallState) -> None:
-    log.warning(
-        "store busy, retrying the same events",
-        extra={"attempt": state.attempt_number, "error": retry.last_error(state)},
-    )
 
 
 class Ingester:

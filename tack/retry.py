@@ -8,10 +8,13 @@ between attempts wakes at once when it does.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
+
+from .store import is_transient
 
 
 def until_stopped(
@@ -37,3 +40,12 @@ def until_stopped(
 def last_error(state: RetryCallState) -> str:
     exc = state.outcome.exception() if state.outcome else None
     return "" if exc is None else f"{type(exc).__name__}: {exc}"[:300]
+
+
+def store_writes(stop: threading.Event, log: logging.Logger, message: str) -> Retrying:
+    """Retry a store operation through locks and I/O errors, logging each wait."""
+
+    def log_wait(state: RetryCallState) -> None:
+        log.warning(message, extra={"attempt": state.attempt_number, "error": last_error(state)})
+
+    return until_stopped(stop, retry_if=is_transient, initial=0.05, cap=2.0, before_sleep=log_wait)

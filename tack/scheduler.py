@@ -20,9 +20,8 @@ from collections import deque
 from collections.abc import Callable
 
 import peewee
-from tenacity import RetryCallState
 
-from . import logs, pipelines, retry, store
+from . import logs, pipelines, retry
 from .backends import Backend, Backends, Job, Outcome
 from .statuses import FINAL, PENDING, RUNNING, StatusLog
 from .store import Pipeline, Workflow
@@ -242,21 +241,8 @@ class Scheduler:
         self._with_retry(attempt)
 
     def _with_retry(self, operation):
-        return retry.until_stopped(
-            self._stop,
-            retry_if=store.is_transient,
-            initial=0.05,
-            cap=2.0,
-            before_sleep=_log_busy,
-        )(operation)
+        return retry.store_writes(self._stop, log, "store busy, retrying")(operation)
 
 
 def _ids(workflow: Workflow) -> dict:
     return {"knot": workflow.knot, "rkey": workflow.rkey, "workflow": workflow.name}
-
-
-def _log_busy(state: RetryCallState) -> None:
-    log.warning(
-        "store busy, retrying",
-        extra={"attempt": state.attempt_number, "error": retry.last_error(state)},
-    )

@@ -117,7 +117,32 @@ class Subscription:
     at: float = field(default_factory=time.monotonic)
 
 
-class JetstreamStandin:
+class _StandinServer:
+    """A websocket server on 127.0.0.1 whose connections can be dropped on command."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
+                             max_size=None)  # fmt: skip
+        self.port = self._server.socket.getsockname()[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _handle(self, conn: ServerConnection) -> None:
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Close every open connection now."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.drop()
+        self._server.shutdown()
+
+
+class JetstreamStandin(_StandinServer):
     """Serves prepared events like jetstream's v1 ``/subscribe``.
 
     Honours ``wantedCollections`` and ``cursor`` (events with time_us >= cursor);
@@ -128,16 +153,9 @@ class JetstreamStandin:
     def __init__(self, replay_without_cursor: bool = True) -> None:
         self.replay_without_cursor = replay_without_cursor
         self._frames: list[_Frame] = []
-        self._cond = threading.Condition()
-        self._generation = 0
         self.subscriptions: list[Subscription] = []
         self.sent = 0
-        self._server = serve(
-            self._handle, "127.0.0.1", 0, compression=None, ping_interval=None, max_size=None
-        )
-        self.port = self._server.socket.getsockname()[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -155,16 +173,6 @@ class JetstreamStandin:
         with self._cond:
             self._frames.append(_Frame(time_us, None, payload))
             self._cond.notify_all()
-
-    def drop(self) -> None:
-        """Close every open connection now."""
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.drop()
-        self._server.shutdown()
 
     def _handle(self, conn: ServerConnection) -> None:
         query = parse_qs(urlsplit(conn.request.path).query)
@@ -309,7 +317,7 @@ def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[s
     }  # fmt: skip
 
 
-class KnotStandin:
+class KnotStandin(_StandinServer):
     """A knot's ``/events`` stream (protocol §2): replays events newer than the
     cursor (unix ns, the knot's clock), then streams live ones."""
 
@@ -341,15 +349,6 @@ class KnotStandin:
         with self._cond:
             self._events.append((time.time_ns(), frame))
             self._cond.notify_all()
-
-    def drop(self) -> None:
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.drop()
-        self._server.shutdown()
 
     def _handle(self, conn: ServerConnection) -> None:
         query = parse_qs(urlsplit(conn.request.path).query)
