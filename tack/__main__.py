@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, config, logs, service
+from . import __version__, backends, config, logs, service
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     try:
         settings = config.load()
+        context = backends.Context(settings.hostname, settings.dev)
+        configured = backends.load(settings.config_file, context)
     except config.ConfigError as exc:
         print(f"tack: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
-    return service.run(settings)
+    return service.run(settings, configured, context)
 
 
 if __name__ == "__main__":

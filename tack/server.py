@@ -307,8 +307,8 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         route = routes.get(parts.path)
         if route is None:
-            for prefix, prefixed in self.server.app.prefix_routes.items():
-                if parts.path.startswith(prefix) and self.command == "GET":
+            for (method, prefix), prefixed in self.server.app.prefix_routes.items():
+                if method == self.command and parts.path.startswith(prefix):
                     route = prefixed
                     break
         if route is None:
@@ -340,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, payload: Any) -> None:
         self.send_body(status, json.dumps(payload).encode(), "application/json")
 
-    def read_json(self) -> Any:
+    def read_json(self, limit: int = MAX_BODY) -> Any:
         """The request body as JSON, or None after answering 4xx."""
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -350,11 +350,11 @@ class Handler(BaseHTTPRequestHandler):
                 {"error": "InvalidRequest", "message": "Content-Length required"},
             )
             return None
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
+        if not 0 <= length <= limit:
+            self.close_connection = True  # the unread body must not be taken for a request
             self.send_json(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                {"error": "InvalidRequest", "message": f"body over {MAX_BODY} bytes"},
+                {"error": "InvalidRequest", "message": f"body over {limit} bytes"},
             )
             return None
         try:
@@ -426,7 +426,7 @@ class App:
             "/events": self.events,
         }
         self.post_routes: dict[str, Route] = {}
-        self.prefix_routes: dict[str, Route] = {"/logs/": self.logs}
+        self.prefix_routes: dict[tuple[str, str], Route] = {("GET", "/logs/"): self.logs}
 
     def release_db(self) -> None:
         """Each connection thread's database handle closes with its request."""

@@ -14,8 +14,11 @@ import signal
 import threading
 import time
 
+from . import backends as backend_registry
 from . import logs, store
-from .backends import Backends, default_backends
+from .backends import Backends, Context
+from .callbacks import PREFIX as CALLBACK_PREFIX
+from .callbacks import CallbackHub
 from .config import Config
 from .intake import Intake
 from .jetstream import Ingester
@@ -37,14 +40,22 @@ class Spindle:
         config: Config,
         knots: KnotSubscriptions | None = None,
         backends: Backends | None = None,
+        context: Context | None = None,
     ) -> None:
+        """``backends`` (and the ``context`` they were built with) may come
+        pre-loaded, so configuration errors surface before anything starts."""
         self.config = config
+        self.context = context or Context(config.hostname, config.dev)
+        if backends is None:
+            backends = backend_registry.load(config.config_file, self.context)
         self.stop_event = threading.Event()
         self.db = store.open_database(config.db_path)
         self.directory = store.Directory(config.hostname, config.owner)
         self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
-        self.backends = backends or default_backends()
+        self.backends = backends
+        self.callbacks = CallbackHub(self.db, self.statuses, self.stop_event)
+        self.context.callbacks = self.callbacks
         backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self.scheduler = Scheduler(
             self.db,
@@ -88,6 +99,7 @@ class Spindle:
         app = App(
             config.hostname, config.owner, self.statuses, self.logbook, self.db, self.stop_event
         )
+        app.prefix_routes[("POST", CALLBACK_PREFIX)] = self.callbacks.route
         self.server = Server(config.listen, app)
 
     def start(self) -> None:
@@ -125,7 +137,7 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.1)
 
 
-def run(config: Config) -> int:
+def run(config: Config, backends: Backends, context: Context) -> int:
     """Run until SIGTERM or SIGINT, then shut down cleanly; the exit status."""
     stop = threading.Event()
 
@@ -135,7 +147,7 @@ def run(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    spindle = Spindle(config)
+    spindle = Spindle(config, backends=backends, context=context)
     spindle.start()
     while not stop.wait(1.0):
         pass

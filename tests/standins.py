@@ -209,7 +209,24 @@ class JetstreamStandin(_StandinServer):
 # --- tack as a real process -----------------------------------------------------
 
 
+DEFAULT_TOML = """
+[backends.dummy]
+type = "dummy"
+
+[backends.shell]
+type = "shell"
+workspace_root = "{tmp}/workspaces"
+timeout = 60
+kill_grace = 1
+"""
+
+
 def tack_env(tmp: Path, jetstream_url: str, **overrides: str) -> dict[str, str]:
+    """The environment of a tack under test, with a tack.toml for the dummy
+    and shell backends unless ``TACK_CONFIG`` is given."""
+    toml = tmp / "tack.toml"
+    if "TACK_CONFIG" not in overrides and not toml.exists():
+        toml.write_text(DEFAULT_TOML.format(tmp=tmp))
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp),
@@ -222,6 +239,7 @@ def tack_env(tmp: Path, jetstream_url: str, **overrides: str) -> dict[str, str]:
         "SPINDLE_SERVER_DEV": "true",
         "TACK_RECONNECT_MIN_SECONDS": "0.05",
         "TACK_RECONNECT_MAX_SECONDS": "0.5",
+        "TACK_CONFIG": str(toml),
     }
     env.update(overrides)
     return env

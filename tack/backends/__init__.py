@@ -17,12 +17,32 @@ through ``WorkflowLog`` and returns an ``Outcome``:
 from __future__ import annotations
 
 import threading
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..config import ConfigError
 from ..workflow import WorkflowSpec
 from ..worklogs import WorkflowLog
+from .options import Options
+
+if TYPE_CHECKING:
+    from ..callbacks import CallbackHub
+
+
+@dataclass
+class Context:
+    """What backends may need from the rest of tack."""
+
+    hostname: str
+    dev: bool
+    callbacks: CallbackHub | None = None
+
+    @property
+    def public_url(self) -> str:
+        return f"{'http' if self.dev else 'https'}://{self.hostname}"
 
 
 @dataclass
@@ -53,9 +73,10 @@ class Job:
 class Backend:
     type_name: ClassVar[str] = ""
 
-    def __init__(self, name: str, options: dict[str, Any]) -> None:
+    def __init__(self, name: str, options: Options, context: Context) -> None:
+        """Read and check every option here, so mistakes stop tack at start-up."""
         self.name = name
-        self.options = options
+        self.context = context
 
     def run(self, job: Job, log: WorkflowLog) -> Outcome:
         raise NotImplementedError
@@ -76,7 +97,57 @@ class Backends:
         return self.instances.get(self.aliases.get(engine, engine))
 
 
-def default_backends() -> Backends:
+def _types() -> dict[str, type[Backend]]:
+    from .command import CommandBackend
     from .dummy import DummyBackend
+    from .shell import ShellBackend
+    from .webhook import WebhookBackend
 
-    return Backends({"dummy": DummyBackend("dummy", {})})
+    return {
+        cls.type_name: cls for cls in (ShellBackend, CommandBackend, WebhookBackend, DummyBackend)
+    }
+
+
+def build(name: str, raw: dict[str, Any], context: Context) -> Backend:
+    types = _types()
+    kind = raw.get("type")
+    if kind not in types:
+        raise ConfigError(
+            "TACK_CONFIG", f"backends.{name}.type: must be one of {', '.join(sorted(types))}"
+        )
+    options = Options(name, raw)
+    backend = types[kind](name, options, context)
+    options.finish()
+    return backend
+
+
+def load(path: str | None, context: Context) -> Backends:
+    """The backends ``tack.toml`` configures; with no file, one shell backend named shell."""
+    if path is None:
+        return Backends({"shell": build("shell", {"type": "shell"}, context)})
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("TACK_CONFIG", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("TACK_CONFIG", f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(document) - {"backends", "aliases"})
+    if unknown:
+        raise ConfigError(
+            "TACK_CONFIG", f"{unknown[0]}: unknown section (expected backends, aliases)"
+        )
+    sections = document.get("backends", {})
+    if not isinstance(sections, dict) or not sections:
+        raise ConfigError("TACK_CONFIG", "backends: at least one [backends.NAME] table is required")
+    instances = {}
+    for name, raw in sections.items():
+        if not isinstance(raw, dict):
+            raise ConfigError("TACK_CONFIG", f"backends.{name}: must be a table")
+        instances[name] = build(name, raw, context)
+    aliases = document.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise ConfigError("TACK_CONFIG", "aliases: must be a table of engine = backend")
+    for engine, target in aliases.items():
+        if target not in instances:
+            raise ConfigError("TACK_CONFIG", f"aliases.{engine}: no backend named {target!r}")
+    return Backends(instances, dict(aliases))

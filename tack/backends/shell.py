@@ -1,0 +1,130 @@
+"""The ``shell`` backend, tack's embedded default: run the steps here with bash.
+
+Trust model: steps run as the user tack runs as, on this host, with that
+user's access; only the owner's and members' repos reach this backend. Set
+``wrapper`` to confine them (e.g. bubblewrap), which is prefixed to every
+step's command line.
+
+Per workflow: a fresh workspace, the clone of protocol §2 as a system step,
+then each step with ``bash -c`` in the checkout. The workspace is removed
+afterwards, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..pipelines import commit_sha
+from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
+from . import Backend, Context, Job, Outcome, process
+from .options import Options
+
+CLONE_STEP = "Clone repository"
+
+
+def workflow_environment(job: Job, home: Path, step_env: dict[str, str] | None = None) -> dict:
+    """workflow env < step env < TANGLED_* < secrets: later sources win."""
+    env = process.base_environment(home)
+    env.update(job.spec.environment)
+    env.update(step_env or {})
+    env.update(job.env)
+    env.update(job.secrets)
+    return env
+
+
+def outcome_of(result: process.Finished, what: str, timeout: float) -> Outcome | None:
+    """The workflow's outcome when this process ended it; None to carry on."""
+    if result.cancelled:
+        return Outcome("cancelled")
+    if result.timed_out:
+        return Outcome("timeout", f"timed out after {timeout:g}s")
+    if result.exit_code:
+        return Outcome(
+            "failed", f"{what} failed with exit code {result.exit_code}", result.exit_code
+        )
+    return None
+
+
+class ShellBackend(Backend):
+    type_name = "shell"
+
+    def __init__(self, name: str, options: Options, context: Context) -> None:
+        super().__init__(name, options, context)
+        default_root = str(Path(tempfile.gettempdir()) / "tack-workspaces")
+        self.workspace_root = Path(options.text("workspace_root", default_root))
+        self.timeout = options.number("timeout", 3600, 1, 7 * 86400)
+        self.kill_grace = options.number("kill_grace", 5, 0, 300)
+        self.wrapper = options.argv("wrapper")
+        self.shell = options.text("shell", "bash")
+
+    def run(self, job: Job, log: WorkflowLog) -> Outcome:
+        deadline = time.monotonic() + self.timeout
+        self.workspace_root.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix=f"{job.workflow_id}-", dir=self.workspace_root))
+        try:
+            checkout = workspace / "checkout"
+            checkout.mkdir()
+            step_id = 0
+            if not job.workflow.get("clone", {}).get("skip", False):
+                outcome = self._clone(job, log, workspace, checkout, deadline)
+                if outcome:
+                    return outcome
+                step_id = 1
+            for step in job.spec.steps:
+                log.start_step(step_id, step.name, USER_STEP, step.command)
+                result = process.run(
+                    [*self.wrapper, self.shell, "-c", step.command],
+                    cwd=checkout,
+                    env=workflow_environment(job, workspace, step.environment),
+                    cancel=job.cancel,
+                    deadline=deadline,
+                    on_line=lambda stream, line, sid=step_id: log.data(sid, line, stream),
+                    kill_grace=self.kill_grace,
+                )
+                log.end_step(step_id, step.name, USER_STEP)
+                outcome = outcome_of(result, f"step {step.name!r}", self.timeout)
+                if outcome:
+                    return outcome
+                step_id += 1
+            return Outcome("success")
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+
+    def _clone(self, job: Job, log: WorkflowLog, home: Path, checkout: Path, deadline: float):
+        clone = job.workflow.get("clone", {})
+        trigger = job.pipeline["triggerMetadata"]
+        target = commit_sha(job.pipeline) or f"refs/heads/{trigger['repo']['defaultBranch']}"
+        fetch = ["git", "fetch"]
+        depth = clone.get("depth", 1)
+        if depth:
+            fetch.append(f"--depth={depth}")
+        if clone.get("submodules"):
+            fetch.append("--recurse-submodules=yes")
+        if clone.get("tags"):
+            fetch.append("--tags")
+        commands = [
+            ["git", "init", "-q"],
+            ["git", "remote", "add", "origin", job.env["TANGLED_REPO_URL"]],
+            [*fetch, "origin", target],
+            ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"],
+        ]
+        if clone.get("submodules"):
+            commands.append(["git", "submodule", "update", "--init", "--recursive"])
+        env = process.base_environment(home) | {"GIT_TERMINAL_PROMPT": "0"}
+        log.start_step(0, CLONE_STEP, SYSTEM_STEP, f"git fetch origin {target}")
+        try:
+            for argv in commands:
+                result = process.run(
+                    argv, cwd=checkout, env=env, cancel=job.cancel, deadline=deadline,
+                    on_line=lambda stream, line: log.data(0, line, stream),
+                    kill_grace=self.kill_grace,
+                )  # fmt: skip
+                outcome = outcome_of(result, "clone", self.timeout)
+                if outcome:
+                    return outcome
+        finally:
+            log.end_step(0, CLONE_STEP, SYSTEM_STEP)
+        return None
