@@ -11,7 +11,17 @@ from tack import config
 from tack.knots import LoggedKnotSubscriptions
 from tack.service import Spindle
 
-from .standins import Clock, JetstreamStandin, tack_env
+from .standins import (
+    OWNER,
+    REPO,
+    Clock,
+    JetstreamStandin,
+    KnotStandin,
+    commit,
+    repo,
+    tack_env,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -45,3 +55,28 @@ def make_spindle(tmp_path: Path, jetstream: JetstreamStandin) -> Iterator:
     for spindle in started:
         if not spindle.db.is_closed():
             spindle.stop()
+
+
+@pytest.fixture
+def knot(tmp_path: Path) -> Iterator[KnotStandin]:
+    """A knot stand-in that also serves git repositories from ``tmp_path/git``."""
+    standin = KnotStandin(git_root=tmp_path / "git")
+    yield standin
+    standin.close()
+
+
+@pytest.fixture
+def serve_repo(jetstream: JetstreamStandin, knot: KnotStandin, make_spindle, clock: Clock):
+    """Start tack with ``config`` (tack.toml text, optional) serving OWNER's repo ``hello``."""
+
+    def start(config: str | None = None, **env: str) -> Spindle:
+        if config is not None:
+            path = knot.git_root.parent / "custom.toml"
+            path.write_text(config)
+            env["TACK_CONFIG"] = str(path)
+        spindle = make_spindle(real_knots=True, **env)
+        jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+        wait_until(lambda: knot.open_connections == 1, what="tack subscribed to the knot")
+        return spindle
+
+    return start

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.server import ServerProtocol
 from websockets.sync.server import ServerConnection, serve
 
 HOSTNAME = "spindle.test"
@@ -335,19 +339,43 @@ def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[s
     }  # fmt: skip
 
 
-class KnotStandin(_StandinServer):
-    """A knot's ``/events`` stream (protocol §2): replays events newer than the
-    cursor (unix ns, the knot's clock), then streams live ones."""
+class KnotStandin:
+    """A knot on one loopback port, as the real one: ``/events`` (protocol §2)
+    replays events newer than the cursor (unix ns, the knot's clock) and then
+    streams live ones; every other path serves git repositories over smart
+    HTTP through ``git http-backend``, so a workflow's clone URL works.
 
-    def __init__(self) -> None:
+    The websocket side uses the ``websockets`` library's sans-I/O protocol
+    under a threaded HTTP server, since git's smart HTTP needs POST.
+    """
+
+    def __init__(self, git_root: Path | None = None) -> None:
+        self.git_root = git_root
         self._events: list[tuple[int, str]] = []  # (created ns, frame text)
         self._cond = threading.Condition()
         self._generation = 0
         self.cursors: list[int | None] = []
         self.open_connections = 0
-        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
-                             max_size=None)  # fmt: skip
-        self.port = self._server.socket.getsockname()[1]
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if urlsplit(self.path).path == "/events":
+                    standin._events_stream(self)
+                else:
+                    standin._git(self)
+
+            def do_POST(self) -> None:
+                standin._git(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
@@ -368,8 +396,32 @@ class KnotStandin(_StandinServer):
             self._events.append((time.time_ns(), frame))
             self._cond.notify_all()
 
-    def _handle(self, conn: ServerConnection) -> None:
-        query = parse_qs(urlsplit(conn.request.path).query)
+    def drop(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.drop()
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- /events ---------------------------------------------------------------------
+
+    def _events_stream(self, handler: BaseHTTPRequestHandler) -> None:
+        protocol = ServerProtocol(max_size=None)
+        head = (
+            handler.requestline
+            + "\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in handler.headers.items())
+        )
+        protocol.receive_data((head + "\r\n").encode("latin-1"))
+        request = protocol.events_received()[0]
+        protocol.send_response(protocol.accept(request))
+        sock = handler.connection
+        sock.sendall(b"".join(protocol.data_to_send()))
+        handler.close_connection = True
+        query = parse_qs(urlsplit(handler.path).query)
         cursor = int(query["cursor"][0]) if "cursor" in query else None
         with self._cond:
             self.cursors.append(cursor)
@@ -383,18 +435,91 @@ class KnotStandin(_StandinServer):
             while True:
                 with self._cond:
                     while self._generation == generation and index >= len(self._events):
-                        self._cond.wait(0.5)
-                        if conn.close_code is not None:
+                        self._cond.wait(0.2)
+                        if _peer_closed(sock):
                             return
                     if self._generation != generation:
-                        conn.close()
+                        protocol.send_close(1001, "dropped")
+                        sock.sendall(b"".join(protocol.data_to_send()))
                         return
                     pending = self._events[index:]
                 index += len(pending)
                 for _, frame in pending:
-                    conn.send(frame)
-        except Exception:
+                    protocol.send_text(frame.encode())
+                sock.sendall(b"".join(protocol.data_to_send()))
+        except OSError:
             return
         finally:
             with self._cond:
                 self.open_connections -= 1
+
+    # --- git smart HTTP ----------------------------------------------------------------
+
+    def _git(self, handler: BaseHTTPRequestHandler) -> None:
+        if self.git_root is None:
+            handler.send_error(404)
+            return
+        parts = urlsplit(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "GIT_PROJECT_ROOT": str(self.git_root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": parts.path,
+            "QUERY_STRING": parts.query,
+            "REQUEST_METHOD": handler.command,
+            "CONTENT_TYPE": handler.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_GIT_PROTOCOL": handler.headers.get("Git-Protocol", ""),
+        }
+        result = subprocess.run(["git", "http-backend"], input=body, env=env,
+                                capture_output=True, check=False)  # fmt: skip
+        head, _, payload = result.stdout.partition(b"\r\n\r\n")
+        status = 200
+        headers = []
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.strip().split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        handler.send_response(status)
+        for key, value in headers:
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def make_git_repo(root: Path, owner: str, name: str, files: dict[str, str]) -> str:
+    """A bare repository at ``root/owner/name`` holding one commit of ``files``;
+    its sha. A second commit follows, so fetching the first by sha means something."""
+    work = root / "_work" / name
+    work.mkdir(parents=True)
+    git = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    for path, content in files.items():
+        (work / path).write_text(content)
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], cwd=work, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (work / "LATER").write_text("a later commit\n")
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-qm", "second"], cwd=work, check=True)
+    bare = root / owner / name
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "config", "uploadpack.allowAnySHA1InWant", "true"], cwd=bare, check=True)
+    return sha

@@ -17,7 +17,6 @@ from .standins import (
     MEMBER,
     OWNER,
     REPO,
-    KnotStandin,
     commit,
     member,
     push_pipeline,
@@ -33,13 +32,6 @@ steps:
     command: make test
 """
 ALICE = "did:plc:alice"
-
-
-@pytest.fixture
-def knot():
-    standin = KnotStandin()
-    yield standin
-    standin.close()
 
 
 @pytest.fixture

@@ -1,0 +1,319 @@
+"""The shell and command backends, run for real: git over smart HTTP from the
+knot stand-in, bash, real process groups, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from tack.backends import Context, Job, build
+from tack.pipelines import tangled_env
+from tack.workflow import parse
+from tack.worklogs import LogBook
+
+from .spindle_clients import EventsClient, read_log
+from .standins import OWNER, push_pipeline, tack_env, wait_until
+
+ALICE = "did:plc:alice"
+
+
+def yaml(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def run_pipeline(spindle, knot, workflows, sha="a" * 40, clone_skip=True):
+    client = EventsClient(spindle.server.port).start()
+    record = push_pipeline(knot.name, OWNER, "hello", workflows, sha=sha)
+    for workflow in record["workflows"]:
+        workflow["clone"]["skip"] = clone_skip
+    rkey = knot.send_pipeline(record)
+    return client, rkey
+
+
+def finished(client, name):
+    statuses = client.statuses(name)
+    return statuses and statuses[-1] in ("success", "failed", "timeout", "cancelled")
+
+
+def no_process_matching(marker: str) -> bool:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return not any(marker in line and "ps -eo" not in line for line in out.splitlines())
+
+
+# --- shell -------------------------------------------------------------------------------
+
+
+def test_shell_clones_at_the_trigger_sha_and_runs_steps(serve_repo, knot, tmp_path):
+    from .standins import make_git_repo
+
+    sha = make_git_repo(knot.git_root, OWNER, "hello", {"hello.sh": "echo hello from the repo\n"})
+    spindle = serve_repo()
+    steps = yaml("""
+        steps:
+          - name: Which commit
+            command: git rev-parse HEAD && test ! -e LATER
+          - name: Run it
+            command: bash hello.sh
+    """)
+    client, rkey = run_pipeline(
+        spindle, knot, [("ci.yml", "shell", steps)], sha=sha, clone_skip=False
+    )
+    wait_until(lambda: finished(client, "ci.yml"), timeout=60)
+    assert client.statuses("ci.yml") == ["pending", "running", "success"]
+    log = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml")
+    controls = [
+        (ln["content"], ln["step_status"], ln["step_kind"])
+        for ln in log.lines
+        if ln["kind"] == "control"
+    ]
+    assert controls == [
+        ("Clone repository", "start", 0), ("Clone repository", "end", 0),
+        ("Which commit", "start", 1), ("Which commit", "end", 1),
+        ("Run it", "start", 1), ("Run it", "end", 1),
+    ]  # fmt: skip
+    data = [ln["content"] for ln in log.lines if ln["kind"] == "data" and ln["step_id"] > 0]
+    assert data == [sha, "hello from the repo"]
+    assert list((tmp_path / "workspaces").iterdir()) == [], "workspace removed"
+
+
+def test_shell_streams_ordered_output_with_stream_names_and_env_precedence(serve_repo, knot):
+    spindle = serve_repo()
+    steps = yaml("""
+        environment:
+          LEVEL: workflow
+          ONLY_WORKFLOW: present
+          TANGLED_REPO_NAME: spoofed
+        steps:
+          - name: Count
+            command: for i in $(seq 1 40); do echo "out $i"; done; echo "to stderr" >&2
+          - name: Env
+            environment:
+              LEVEL: step
+            command: echo "$LEVEL $ONLY_WORKFLOW $TANGLED_REPO_NAME $CI $TANGLED_SHA"
+    """)
+    client, rkey = run_pipeline(spindle, knot, [("ci.yml", "shell", steps)])
+    wait_until(lambda: finished(client, "ci.yml"), timeout=30)
+    assert client.statuses("ci.yml")[-1] == "success"
+    lines = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
+    out = [
+        ln["content"]
+        for ln in lines
+        if ln["kind"] == "data" and ln["stream"] == "stdout" and ln["step_id"] == 0
+    ]
+    assert out == [f"out {i}" for i in range(1, 41)]
+    assert [ln["content"] for ln in lines if ln.get("stream") == "stderr"] == ["to stderr"]
+    env_line = [ln["content"] for ln in lines if ln["kind"] == "data" and ln["step_id"] == 1]
+    assert env_line == ["step present hello true " + "a" * 40]
+
+
+def test_shell_failing_step_stops_the_workflow_with_its_exit_code(serve_repo, knot):
+    spindle = serve_repo()
+    steps = yaml("""
+        steps:
+          - name: Fails
+            command: echo before; exit 3
+          - name: Never
+            command: echo should not run
+    """)
+    client, rkey = run_pipeline(spindle, knot, [("ci.yml", "shell", steps)])
+    wait_until(lambda: finished(client, "ci.yml"), timeout=30)
+    last = client.frames[-1]["event"]
+    assert (last["status"], last["exitCode"]) == ("failed", 3)
+    assert "Fails" in last["error"]
+    contents = [
+        ln["content"]
+        for ln in read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
+    ]
+    assert "Never" not in contents and "should not run" not in contents
+
+
+def test_shell_timeout_kills_the_whole_process_group(serve_repo, knot, tmp_path):
+    config = f"""
+[backends.shell]
+type = "shell"
+workspace_root = "{tmp_path}/workspaces"
+timeout = 2
+kill_grace = 1
+"""
+    spindle = serve_repo(config)
+    steps = yaml("""
+        steps:
+          - name: Hangs
+            command: sleep 311 & sleep 312
+    """)
+    client, _ = run_pipeline(spindle, knot, [("ci.yml", "shell", steps)])
+    wait_until(lambda: finished(client, "ci.yml"), timeout=30)
+    last = client.frames[-1]["event"]
+    assert last["status"] == "timeout" and "2s" in last["error"]
+    assert no_process_matching("sleep 311") and no_process_matching("sleep 312")
+
+
+def test_shell_cancel_ends_the_run_and_its_processes(serve_repo, knot):
+    spindle = serve_repo()
+    steps = yaml("""
+        steps:
+          - name: Long
+            command: echo started; sleep 321 & sleep 322
+    """)
+    client, rkey = run_pipeline(spindle, knot, [("ci.yml", "shell", steps)])
+    wait_until(lambda: client.statuses("ci.yml") == ["pending", "running"], timeout=30)
+    wait_until(lambda: not no_process_matching("sleep 322"), timeout=10, what="step started")
+    from tack.store import Workflow
+
+    workflow = Workflow.get(Workflow.rkey == rkey)
+    assert spindle.scheduler.cancel(workflow.id) == "cancelled"
+    wait_until(
+        lambda: no_process_matching("sleep 321") and no_process_matching("sleep 322"), timeout=15
+    )
+    assert client.statuses("ci.yml") == ["pending", "running", "cancelled"]
+    assert spindle.scheduler.cancel(workflow.id) == "already final"
+
+
+def test_secrets_are_masked_in_every_form(tmp_path):
+    """A real shell run of a job carrying secrets, straight through the backend."""
+    backend = build("shell", {"type": "shell", "workspace_root": str(tmp_path / "ws")},
+                    Context("spindle.test", dev=True))  # fmt: skip
+    secret = "hunter2-very-secret"
+    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "shell", "")])
+    raw = yaml("""
+        steps:
+          - name: Leak
+            command: echo "plain $TOKEN"; echo -n "$TOKEN" | base64; echo "cmd" >&2
+    """)
+    job = Job(
+        workflow_id=1, knot="knot.test", rkey="3l", name="ci.yml", engine="shell",
+        pipeline_uri="at://x", pipeline=record,
+        workflow={"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}},
+        spec=parse(raw), env=tangled_env(record, "at://x", "hello", True),
+        secrets={"TOKEN": secret}, cancel=threading.Event(),
+    )  # fmt: skip
+    book = LogBook(tmp_path / "logs")
+    log = book.open(1, job.secrets.values())
+    outcome = backend.run(job, log)
+    log.close()
+    text = book.path(1).read_text()
+    assert outcome.status == "success"
+    assert secret not in text
+    import base64
+
+    assert base64.b64encode(secret.encode()).decode().rstrip("=") not in text
+    assert '"plain ***"' in text and text.count("***") == 2
+
+
+# --- command -----------------------------------------------------------------------------
+
+COMMAND_SCRIPT = """
+import json, os, sys
+job = json.load(sys.stdin)
+print("workflow", job["workflow"], "of", job["pipeline_uri"].rsplit("/", 1)[1])
+print("steps", [s["name"] for s in job["definition"]["steps"]])
+print("repo", os.environ["TANGLED_REPO_NAME"], "level", os.environ.get("LEVEL"))
+print("to stderr", file=sys.stderr)
+sys.exit(job["definition"]["document"].get("exit", 0))
+"""
+
+
+def command_config(tmp_path: Path, script: Path, timeout: int = 60) -> str:
+    return f"""
+[backends.ci]
+type = "command"
+command = ["{sys.executable}", "{script}"]
+timeout = {timeout}
+kill_grace = 1
+
+[aliases]
+nixery = "ci"
+"""
+
+
+def test_command_backend_gets_json_and_env_and_its_exit_code_decides(serve_repo, knot, tmp_path):
+    script = tmp_path / "ci.py"
+    script.write_text(COMMAND_SCRIPT)
+    spindle = serve_repo(command_config(tmp_path, script))
+    good = yaml("""
+        environment:
+          LEVEL: five
+        steps:
+          - name: build
+            command: make
+    """)
+    client, rkey = run_pipeline(
+        spindle, knot, [("ok.yml", "nixery", good), ("bad.yml", "ci", "exit: 4\n")]
+    )
+    wait_until(lambda: finished(client, "ok.yml") and finished(client, "bad.yml"), timeout=30)
+    assert client.statuses("ok.yml")[-1] == "success"
+    bad = [f["event"] for f in client.frames if f["event"]["workflow"] == "bad.yml"][-1]
+    assert (bad["status"], bad["exitCode"]) == ("failed", 4)
+    lines = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ok.yml").lines
+    stdout = [ln["content"] for ln in lines if ln.get("stream") == "stdout"]
+    assert stdout == [f"workflow ok.yml of {rkey}", "steps ['build']", "repo hello level five"]
+    assert [ln["content"] for ln in lines if ln.get("stream") == "stderr"] == ["to stderr"]
+
+
+def test_command_backend_timeout(serve_repo, knot, tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import time, sys\nsys.stdin.read()\nprint('working', flush=True)\ntime.sleep(331)\n"
+    )
+    spindle = serve_repo(command_config(tmp_path, script, timeout=2))
+    client, _ = run_pipeline(spindle, knot, [("ci.yml", "ci", "")])
+    wait_until(lambda: finished(client, "ci.yml"), timeout=30)
+    assert client.frames[-1]["event"]["status"] == "timeout"
+    assert no_process_matching(str(script))
+
+
+# --- configuration errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "phrase"),
+    [
+        ('[backends.x]\ntype = "gitlab"\n', "backends.x.type: must be one of"),
+        ('[backends.x]\ntype = "command"\n', "backends.x.command: is required"),
+        ('[backends.x]\ntype = "shell"\ntimeout = "soon"\n', "backends.x.timeout: must be"),
+        ('[backends.x]\ntype = "shell"\ntimout = 5\n', "backends.x.timout: is not an option"),
+        ('[backends.x]\ntype = "webhook"\nurl = "ftp://x"\nsecret_env = "S"\n', "backends.x.url"),
+        ('[backends.x]\ntype = "webhook"\nurl = "http://x"\nsecret_env = "TACK_UNSET_SECRET"\n',
+         "backends.x.secret_env: names environment variable TACK_UNSET_SECRET, which is not set"),
+        ('[backends.x]\ntype = "dummy"\n[aliases]\nnixery = "y"\n', "aliases.nixery: no backend"),
+        ("[backends.x\n", "not valid TOML"),
+        ("[other]\n", "other: unknown section"),
+    ],
+)  # fmt: skip
+def test_bad_backend_configuration_exits_2_naming_the_key(tmp_path, toml, phrase):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    env = tack_env(tmp_path, "ws://127.0.0.1:9/subscribe", TACK_CONFIG=str(path))
+    result = subprocess.run([sys.executable, "-m", "tack"], env=env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and phrase in lines[0]
+        and lines[0].startswith("tack: configuration error: TACK_CONFIG")
+    )
+
+
+def test_no_config_file_means_one_shell_backend(tmp_path):
+    from tack.backends import load
+
+    backends = load(None, Context("spindle.test", dev=False))
+    assert list(backends.instances) == ["shell"]
+    assert backends.resolve("shell").type_name == "shell"
+    assert backends.resolve("nixery") is None
+
+
+def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
+    from tack.backends import process
+
+    monkeypatch.setenv("TACK_SECRETS_KEY", "do-not-leak")
+    env = process.base_environment(tmp_path)
+    assert "TACK_SECRETS_KEY" not in env and env["HOME"] == str(tmp_path)
+    assert os.environ["PATH"] == env["PATH"]
