@@ -31,3 +31,6 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+demo: install
+	$(BIN)/python scripts/demo.py

@@ -317,3 +317,13 @@ def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
     env = process.base_environment(tmp_path)
     assert "TACK_SECRETS_KEY" not in env and env["HOME"] == str(tmp_path)
     assert os.environ["PATH"] == env["PATH"]
+
+
+def test_the_shipped_example_configuration_loads(monkeypatch):
+    from tack.backends import load
+
+    monkeypatch.setenv("TACK_WEBHOOK_SECRET", "s")
+    example = Path(__file__).resolve().parent.parent / "scripts" / "tack.toml"
+    backends = load(str(example), Context("spindle.example.com", dev=False))
+    assert set(backends.instances) == {"shell", "jenkins-cli", "ci", "dummy"}
+    assert backends.resolve("nixery") is backends.instances["shell"]
