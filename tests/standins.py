@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.server import ServerProtocol
@@ -121,19 +122,14 @@ class Subscription:
     at: float = field(default_factory=time.monotonic)
 
 
-class _StandinServer:
-    """A websocket server on 127.0.0.1 whose connections can be dropped on command."""
+class _Droppable:
+    """Connections serve until the generation they started in is over."""
+
+    _server: Any  # an http.server or a websockets server: both shut down
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._generation = 0
-        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
-                             max_size=None)  # fmt: skip
-        self.port = self._server.socket.getsockname()[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def _handle(self, conn: ServerConnection) -> None:
-        raise NotImplementedError
 
     def drop(self) -> None:
         """Close every open connection now."""
@@ -144,6 +140,20 @@ class _StandinServer:
     def close(self) -> None:
         self.drop()
         self._server.shutdown()
+
+
+class _StandinServer(_Droppable):
+    """A websocket server on 127.0.0.1 whose connections can be dropped on command."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
+                             max_size=None)  # fmt: skip
+        self.port = self._server.socket.getsockname()[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _handle(self, conn: ServerConnection) -> None:
+        raise NotImplementedError
 
 
 class JetstreamStandin(_StandinServer):
@@ -339,7 +349,7 @@ def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[s
     }  # fmt: skip
 
 
-class KnotStandin:
+class KnotStandin(_Droppable):
     """A knot on one loopback port, as the real one: ``/events`` (protocol §2)
     replays events newer than the cursor (unix ns, the knot's clock) and then
     streams live ones; every other path serves git repositories over smart
@@ -350,10 +360,9 @@ class KnotStandin:
     """
 
     def __init__(self, git_root: Path | None = None) -> None:
+        super().__init__()
         self.git_root = git_root
         self._events: list[tuple[int, str]] = []  # (created ns, frame text)
-        self._cond = threading.Condition()
-        self._generation = 0
         self.cursors: list[int | None] = []
         self.open_connections = 0
         standin = self
@@ -395,16 +404,6 @@ class KnotStandin:
         with self._cond:
             self._events.append((time.time_ns(), frame))
             self._cond.notify_all()
-
-    def drop(self) -> None:
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.drop()
-        self._server.shutdown()
-        self._server.server_close()
 
     # --- /events ---------------------------------------------------------------------
 
