@@ -113,8 +113,9 @@ def main() -> int:
             watcher = threading.Thread(target=follow_events, args=(port, done, final), daemon=True)
             watcher.start()
             time.sleep(0.2)
-            record = push_pipeline(knot.name, OWNER, "hello", [("build.yml", "shell", WORKFLOW)],
-                                   sha=sha)  # fmt: skip
+            record = push_pipeline(
+                knot.name, OWNER, "hello", [("build.yml", "shell", WORKFLOW)], sha=sha
+            )
             record["workflows"][0]["clone"]["skip"] = False
             rkey = knot.send_pipeline(record)
             say("push", f"knot: pipeline {rkey} for refs/heads/main at {sha[:12]}")

@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tack: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
-    return service.run(settings, configured, context)
+    try:
+        return service.run(settings, configured, context)
+    except config.ConfigError as exc:  # found while opening (e.g. the secrets key)
+        print(f"tack: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -118,8 +118,12 @@ class CallbackHub:
             record
         )
         if not changed and current != status:
-            _error(handler, HTTPStatus.CONFLICT, "InvalidTransition",
-                   f"workflow is {current}; cannot become {status}")  # fmt: skip
+            _error(
+                handler,
+                HTTPStatus.CONFLICT,
+                "InvalidTransition",
+                f"workflow is {current}; cannot become {status}",
+            )
             return
         if status in FINAL:
             with self._lock:
@@ -177,8 +181,9 @@ def _check_status_body(body: Any) -> str | None:
     if error is not None and (not isinstance(error, str) or len(error) > 2000):
         return "error must be a string of at most 2000 characters"
     code = body.get("exitCode")
-    if code is not None and (isinstance(code, bool) or not isinstance(code, int)
-                             or not -(2**31) <= code < 2**31):  # fmt: skip
+    if code is not None and (
+        isinstance(code, bool) or not isinstance(code, int) or not -(2**31) <= code < 2**31
+    ):
         return "exitCode must be an integer"
     return None
 

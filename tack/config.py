@@ -233,6 +233,22 @@ SETTINGS: tuple[Setting, ...] = (
         "json: one JSON object per line on stderr; text: for humans",
     ),
     Setting(
+        "TACK_SECRETS_KEY",
+        "secrets_key",
+        _optional_path,
+        "",
+        "key(s) sealing repo secrets at rest: comma-separated Fernet keys; the first "
+        "seals, all open (default: the key file below)",
+    ),
+    Setting(
+        "TACK_SECRETS_KEY_FILE",
+        "secrets_key_file",
+        _optional_path,
+        "",
+        "key file used when TACK_SECRETS_KEY is unset, created with mode 0600 on first "
+        "start (default: secrets.key beside the database)",
+    ),
+    Setting(
         "TACK_RECONNECT_MIN_SECONDS",
         "reconnect_min",
         _bounded(float, 0.01, 600),
@@ -264,12 +280,20 @@ class Config:
     config_file: str | None
     log_level: str
     log_format: str
+    secrets_key: str | None
+    secrets_key_file: str | None
     reconnect_min: float
     reconnect_max: float
 
     @property
     def spindle_did(self) -> str:
         return f"did:web:{self.hostname}"
+
+    @property
+    def key_file(self) -> str:
+        if self.secrets_key_file:
+            return self.secrets_key_file
+        return os.path.join(os.path.dirname(os.path.abspath(self.db_path)), "secrets.key")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:

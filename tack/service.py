@@ -16,6 +16,7 @@ import time
 
 from . import backends as backend_registry
 from . import logs, store
+from .auth import ServiceAuth
 from .backends import Backends, Context
 from .callbacks import PREFIX as CALLBACK_PREFIX
 from .callbacks import CallbackHub
@@ -24,10 +25,13 @@ from .intake import Intake
 from .jetstream import Ingester
 from .knots import KnotConsumer, KnotSubscriptions
 from .scheduler import Scheduler
+from .secrets import SecretStore, load_keys
 from .server import App, Server, encode_text_frame
 from .statuses import StatusLog
+from .store import Pipeline
 from .stream import Backoff
 from .worklogs import LogBook
+from .xrpc import Xrpc
 
 log = logs.get("service")
 
@@ -57,6 +61,10 @@ class Spindle:
         self.callbacks = CallbackHub(self.db, self.statuses, self.stop_event)
         self.context.callbacks = self.callbacks
         backoff = Backoff(config.reconnect_min, config.reconnect_max)
+        self.secrets = SecretStore(self.db, load_keys(config.secrets_key, config.key_file))
+        rotated = self.secrets.rotate()
+        if rotated:
+            log.info("secrets re-sealed with the current key", extra={"count": rotated})
         self.scheduler = Scheduler(
             self.db,
             self.statuses,
@@ -65,6 +73,7 @@ class Spindle:
             workers=config.max_job_count,
             dev=config.dev,
             stop=self.stop_event,
+            secrets_for=self._secrets_for,
         )
         self.intake = Intake(
             self.db,
@@ -100,7 +109,21 @@ class Spindle:
             config.hostname, config.owner, self.statuses, self.logbook, self.db, self.stop_event
         )
         app.prefix_routes[("POST", CALLBACK_PREFIX)] = self.callbacks.route
+        xrpc = Xrpc(
+            ServiceAuth(config.spindle_did, config.plc_url, config.dev),
+            self.directory,
+            self.secrets,
+            self.scheduler,
+        )
+        get_routes, post_routes = xrpc.routes()
+        app.get_routes.update(get_routes)
+        app.post_routes.update(post_routes)
         self.server = Server(config.listen, app)
+
+    def _secrets_for(self, pipeline: Pipeline) -> dict[str, str]:
+        """The secrets of the repo a pipeline belongs to, and no other repo's."""
+        repo = self.directory.repo_by_name(pipeline.repo_owner, pipeline.repo_name)
+        return {} if repo is None else self.secrets.values(repo.at_uri)
 
     def start(self) -> None:
         self.scheduler.start()

@@ -17,6 +17,7 @@ import peewee
 from peewee import (
     AutoField,
     BigIntegerField,
+    BlobField,
     CompositeKey,
     DatabaseProxy,
     IntegerField,
@@ -149,6 +150,19 @@ class StatusEvent(BaseModel):
     frame = TextField()
 
 
+class Secret(BaseModel):
+    """A repo's CI secret; ``value`` is sealed (see secrets.py), never plain."""
+
+    repo = TextField()  # the repo's at-uri
+    key = TextField()
+    value = BlobField()
+    created_at = TextField()
+    created_by = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("repo", "key")
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
 
@@ -196,7 +210,13 @@ _V2 = (
         status TEXT NOT NULL, frame TEXT NOT NULL)""",
 )
 
-MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2)]
+_V3 = (
+    """CREATE TABLE secret (
+        repo TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+        created_at TEXT NOT NULL, created_by TEXT NOT NULL, PRIMARY KEY (repo, key))""",
+)
+
+MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
 
 
 def migrate(db: peewee.Database) -> int:

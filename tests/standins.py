@@ -147,8 +147,9 @@ class _StandinServer(_Droppable):
 
     def __init__(self) -> None:
         super().__init__()
-        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None,
-                             max_size=None)  # fmt: skip
+        self._server = serve(
+            self._handle, "127.0.0.1", 0, compression=None, ping_interval=None, max_size=None
+        )
         self.port = self._server.socket.getsockname()[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
@@ -332,8 +333,13 @@ def tid_now(offset_us: int = 0) -> str:
     return tid.encode(time.time_ns() // 1000 + offset_us, 7)
 
 
-def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[str, str, str]],
-                  sha: str = "a" * 40) -> dict:  # fmt: skip
+def push_pipeline(
+    knot: str,
+    owner: str,
+    repo_name: str,
+    workflows: list[tuple[str, str, str]],
+    sha: str = "a" * 40,
+) -> dict:
     """A sh.tangled.pipeline record for a push; workflows are (name, engine, raw)."""
     return {
         "triggerMetadata": {
@@ -342,11 +348,15 @@ def push_pipeline(knot: str, owner: str, repo_name: str, workflows: list[tuple[s
             "push": {"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": sha},
         },
         "workflows": [
-            {"name": name, "engine": engine, "raw": raw,
-             "clone": {"skip": True, "depth": 1, "submodules": False, "tags": False}}
+            {
+                "name": name,
+                "engine": engine,
+                "raw": raw,
+                "clone": {"skip": True, "depth": 1, "submodules": False, "tags": False},
+            }
             for name, engine, raw in workflows
         ],
-    }  # fmt: skip
+    }
 
 
 class KnotStandin(_Droppable):
@@ -473,8 +483,9 @@ class KnotStandin(_Droppable):
             "REMOTE_ADDR": "127.0.0.1",
             "HTTP_GIT_PROTOCOL": handler.headers.get("Git-Protocol", ""),
         }
-        result = subprocess.run(["git", "http-backend"], input=body, env=env,
-                                capture_output=True, check=False)  # fmt: skip
+        result = subprocess.run(
+            ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
+        )
         head, _, payload = result.stdout.partition(b"\r\n\r\n")
         status = 200
         headers = []
@@ -512,8 +523,9 @@ def make_git_repo(root: Path, owner: str, name: str, files: dict[str, str]) -> s
         (work / path).write_text(content)
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     subprocess.run([*git, "commit", "-qm", "first"], cwd=work, check=True)
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True,
-                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=work, check=True, capture_output=True, text=True
+    ).stdout.strip()
     (work / "LATER").write_text("a later commit\n")
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     subprocess.run([*git, "commit", "-qm", "second"], cwd=work, check=True)

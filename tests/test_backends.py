@@ -73,10 +73,13 @@ def test_shell_clones_at_the_trigger_sha_and_runs_steps(serve_repo, knot, tmp_pa
         if ln["kind"] == "control"
     ]
     assert controls == [
-        ("Clone repository", "start", 0), ("Clone repository", "end", 0),
-        ("Which commit", "start", 1), ("Which commit", "end", 1),
-        ("Run it", "start", 1), ("Run it", "end", 1),
-    ]  # fmt: skip
+        ("Clone repository", "start", 0),
+        ("Clone repository", "end", 0),
+        ("Which commit", "start", 1),
+        ("Which commit", "end", 1),
+        ("Run it", "start", 1),
+        ("Run it", "end", 1),
+    ]
     data = [ln["content"] for ln in log.lines if ln["kind"] == "data" and ln["step_id"] > 0]
     assert data == [sha, "hello from the repo"]
     assert list((tmp_path / "workspaces").iterdir()) == [], "workspace removed"
@@ -177,8 +180,11 @@ def test_shell_cancel_ends_the_run_and_its_processes(serve_repo, knot):
 
 def test_secrets_are_masked_in_every_form(tmp_path):
     """A real shell run of a job carrying secrets, straight through the backend."""
-    backend = build("shell", {"type": "shell", "workspace_root": str(tmp_path / "ws")},
-                    Context("spindle.test", dev=True))  # fmt: skip
+    backend = build(
+        "shell",
+        {"type": "shell", "workspace_root": str(tmp_path / "ws")},
+        Context("spindle.test", dev=True),
+    )
     secret = "hunter2-very-secret"
     record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "shell", "")])
     raw = yaml("""
@@ -187,12 +193,19 @@ def test_secrets_are_masked_in_every_form(tmp_path):
             command: echo "plain $TOKEN"; echo -n "$TOKEN" | base64; echo "cmd" >&2
     """)
     job = Job(
-        workflow_id=1, knot="knot.test", rkey="3l", name="ci.yml", engine="shell",
-        pipeline_uri="at://x", pipeline=record,
+        workflow_id=1,
+        knot="knot.test",
+        rkey="3l",
+        name="ci.yml",
+        engine="shell",
+        pipeline_uri="at://x",
+        pipeline=record,
         workflow={"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}},
-        spec=parse(raw), env=tangled_env(record, "at://x", "hello", True),
-        secrets={"TOKEN": secret}, cancel=threading.Event(),
-    )  # fmt: skip
+        spec=parse(raw),
+        env=tangled_env(record, "at://x", "hello", True),
+        secrets={"TOKEN": secret},
+        cancel=threading.Event(),
+    )
     book = LogBook(tmp_path / "logs")
     log = book.open(1, job.secrets.values())
     outcome = backend.run(job, log)
@@ -279,19 +292,22 @@ def test_command_backend_timeout(serve_repo, knot, tmp_path):
         ('[backends.x]\ntype = "shell"\ntimeout = "soon"\n', "backends.x.timeout: must be"),
         ('[backends.x]\ntype = "shell"\ntimout = 5\n', "backends.x.timout: is not an option"),
         ('[backends.x]\ntype = "webhook"\nurl = "ftp://x"\nsecret_env = "S"\n', "backends.x.url"),
-        ('[backends.x]\ntype = "webhook"\nurl = "http://x"\nsecret_env = "TACK_UNSET_SECRET"\n',
-         "backends.x.secret_env: names environment variable TACK_UNSET_SECRET, which is not set"),
+        (
+            '[backends.x]\ntype = "webhook"\nurl = "http://x"\nsecret_env = "TACK_UNSET_SECRET"\n',
+            "backends.x.secret_env: names environment variable TACK_UNSET_SECRET, which is not set",
+        ),
         ('[backends.x]\ntype = "dummy"\n[aliases]\nnixery = "y"\n', "aliases.nixery: no backend"),
         ("[backends.x\n", "not valid TOML"),
         ("[other]\n", "other: unknown section"),
     ],
-)  # fmt: skip
+)
 def test_bad_backend_configuration_exits_2_naming_the_key(tmp_path, toml, phrase):
     path = tmp_path / "bad.toml"
     path.write_text(toml)
     env = tack_env(tmp_path, "ws://127.0.0.1:9/subscribe", TACK_CONFIG=str(path))
-    result = subprocess.run([sys.executable, "-m", "tack"], env=env, capture_output=True,
-                            text=True, timeout=30)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "tack"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert (

@@ -62,8 +62,9 @@ class CIReceiver:
 
 def post(url: str, body: object, token: str | None, raw: bytes | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -240,8 +241,11 @@ def test_restarted_tack_resumes_waiting_for_the_ci(webhook_tack, knot, make_spin
     port = spindle.server.port
     spindle.stop()
 
-    again = make_spindle(real_knots=True, SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}",
-                         TACK_CONFIG=spindle.config.config_file)  # fmt: skip
+    again = make_spindle(
+        real_knots=True,
+        SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}",
+        TACK_CONFIG=spindle.config.config_file,
+    )
     callback = receiver.deliveries[0]["callback"]
     assert post(callback["status_url"], {"status": "success"}, callback["token"])[0] == 200
     after = EventsClient(again.server.port).start()

@@ -58,11 +58,15 @@ class CommandBackend(Backend):
         log.start_step(0, self.name, USER_STEP, " ".join(self.command))
         try:
             result = process.run(
-                self.command, cwd=home, env=workflow_environment(job, home),
-                cancel=job.cancel, deadline=deadline, stdin=payload,
+                self.command,
+                cwd=home,
+                env=workflow_environment(job, home),
+                cancel=job.cancel,
+                deadline=deadline,
+                stdin=payload,
                 on_line=lambda stream, line: log.data(0, line, stream),
                 kill_grace=self.kill_grace,
-            )  # fmt: skip
+            )
         finally:
             log.end_step(0, self.name, USER_STEP)
             shutil.rmtree(home, ignore_errors=True)

@@ -118,10 +118,14 @@ class ShellBackend(Backend):
         try:
             for argv in commands:
                 result = process.run(
-                    argv, cwd=checkout, env=env, cancel=job.cancel, deadline=deadline,
+                    argv,
+                    cwd=checkout,
+                    env=env,
+                    cancel=job.cancel,
+                    deadline=deadline,
                     on_line=lambda stream, line: log.data(0, line, stream),
                     kill_grace=self.kill_grace,
-                )  # fmt: skip
+                )
                 outcome = outcome_of(result, "clone", self.timeout)
                 if outcome:
                     return outcome

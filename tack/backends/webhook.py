@@ -117,9 +117,12 @@ class WebhookBackend(Backend):
             self.url,
             data=body,
             method="POST",
-            headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
-                     "User-Agent": "tack-webhook"},
-        )  # fmt: skip
+            headers={
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign(secret, body),
+                "User-Agent": "tack-webhook",
+            },
+        )
 
         def attempt() -> int:
             try:
@@ -134,12 +137,13 @@ class WebhookBackend(Backend):
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: isinstance(exc, DeliveryError) and exc.retryable),
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(multiplier=self.retry_initial, max=30,
-                                         jitter=self.retry_initial),
+            wait=wait_exponential_jitter(
+                multiplier=self.retry_initial, max=30, jitter=self.retry_initial
+            ),
             sleep=job.cancel.wait,
             before_sleep=lambda state: _log_retry(job, state),
             reraise=True,
-        )  # fmt: skip
+        )
         return retrying(attempt)
 
     # --- waiting for the CI -----------------------------------------------------------------
@@ -165,6 +169,11 @@ def _log_retry(job: Job, state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     log.warning(
         "webhook delivery failed, retrying",
-        extra={"knot": job.knot, "rkey": job.rkey, "workflow": job.name,
-               "attempt": state.attempt_number, "error": str(exc)},
-    )  # fmt: skip
+        extra={
+            "knot": job.knot,
+            "rkey": job.rkey,
+            "workflow": job.name,
+            "attempt": state.attempt_number,
+            "error": str(exc),
+        },
+    )

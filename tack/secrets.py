@@ -1,0 +1,137 @@
+"""Repo secrets, encrypted at rest.
+
+Values are sealed with Fernet (AES-CBC + HMAC, from ``cryptography``) before
+they reach SQLite, so a copy of the database alone reveals nothing. The key
+comes from ``TACK_SECRETS_KEY`` or a key file tack creates (mode 0600) on
+first start. Several comma-separated keys may be given: the first seals, all
+open, and on start every value is re-sealed with the first, which is how a
+key is rotated. A value leaves this module only to be injected into its own
+repo's workflows; it is never logged, listed or put in an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+
+import peewee
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from . import logs
+from .config import ConfigError
+from .store import Secret
+
+log = logs.get("secrets")
+
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_KEY = 50
+MAX_VALUE = 200
+
+
+class DuplicateSecret(Exception):
+    pass
+
+
+def load_keys(env_value: str | None, key_file: str) -> MultiFernet:
+    """The configured keys, creating the key file on first start if none are set."""
+    if env_value:
+        raw_keys = [part.strip() for part in env_value.split(",") if part.strip()]
+        source = "TACK_SECRETS_KEY"
+    else:
+        raw_keys = [_read_or_create(key_file)]
+        source = "TACK_SECRETS_KEY_FILE"
+    try:
+        return MultiFernet([Fernet(key.encode()) for key in raw_keys])
+    except (ValueError, TypeError):
+        raise ConfigError(
+            source, "must hold Fernet keys (32 url-safe base64-encoded bytes)"
+        ) from None
+
+
+def _read_or_create(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError("TACK_SECRETS_KEY_FILE", f"cannot read {path}: {exc.strerror}") from None
+    key = Fernet.generate_key().decode()
+    try:
+        # O_EXCL: never overwrite a key another process just made.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_or_create(path)
+    except OSError as exc:
+        raise ConfigError(
+            "TACK_SECRETS_KEY_FILE", f"cannot create {path}: {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    log.warning(
+        "created a new secrets key file; back it up with the database", extra={"path": path}
+    )
+    return key
+
+
+class SecretStore:
+    def __init__(self, db: peewee.Database, keys: MultiFernet) -> None:
+        self._db = db
+        self._keys = keys
+
+    def rotate(self) -> int:
+        """Re-seal every value with the first key; the count re-sealed."""
+        count = 0
+        with self._db.atomic():
+            for row in Secret.select():
+                try:
+                    sealed = self._keys.rotate(bytes(row.value))
+                except InvalidToken:
+                    log.error(
+                        "a secret cannot be opened with the configured keys",
+                        extra={"repo": row.repo, "key": row.key},
+                    )
+                    continue
+                if sealed != bytes(row.value):
+                    Secret.update(value=sealed).where(
+                        (Secret.repo == row.repo) & (Secret.key == row.key)
+                    ).execute()
+                    count += 1
+        return count
+
+    def add(self, repo: str, key: str, value: str, created_by: str) -> None:
+        with self._db.atomic():
+            if Secret.get_or_none((Secret.repo == repo) & (Secret.key == key)):
+                raise DuplicateSecret(key)
+            Secret.create(
+                repo=repo,
+                key=key,
+                value=self._keys.encrypt(value.encode()),
+                created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                created_by=created_by,
+            )
+
+    def remove(self, repo: str, key: str) -> bool:
+        return bool(Secret.delete().where((Secret.repo == repo) & (Secret.key == key)).execute())
+
+    def listing(self, repo: str) -> list[dict]:
+        """What the appview may see: never values."""
+        rows = Secret.select().where(Secret.repo == repo).order_by(Secret.key)
+        return [
+            {"repo": r.repo, "key": r.key, "createdAt": r.created_at, "createdBy": r.created_by}
+            for r in rows
+        ]
+
+    def values(self, repo: str) -> dict[str, str]:
+        """Key to value, for injecting into that repo's workflows only."""
+        result = {}
+        for row in Secret.select().where(Secret.repo == repo):
+            try:
+                result[row.key] = self._keys.decrypt(bytes(row.value)).decode()
+            except InvalidToken:
+                log.error(
+                    "a secret cannot be opened with the configured keys; not injected",
+                    extra={"repo": repo, "key": row.key},
+                )
+        return result
