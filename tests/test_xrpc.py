@@ -1,0 +1,370 @@
+"""XRPC with atproto service auth: real signed JWTs, a local PLC directory and a
+local did:web host, and tack deciding who may do what."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import sqlite3
+import stat
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from atproto_crypto.did import format_multikey
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from .spindle_clients import EventsClient, read_log
+from .standins import COLLABORATOR, HOSTNAME, OWNER, collaborator, commit, push_pipeline, wait_until
+
+ALICE = "did:plc:alice"  # a collaborator the owner added
+BOB = "did:plc:bob"  # not related to the repo
+CAROL = "did:plc:carol"  # "granted" by Bob, who does not own the repo
+SPINDLE_DID = f"did:web:{HOSTNAME}"
+ORDERS = {
+    "ES256K": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "ES256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+}
+
+
+class Identity:
+    """A DID with a freshly generated signing key, able to mint service-auth JWTs."""
+
+    def __init__(self, did: str, alg: str = "ES256K") -> None:
+        self.did = did
+        self.alg = alg
+        curve = ec.SECP256K1() if alg == "ES256K" else ec.SECP256R1()
+        self.key = ec.generate_private_key(curve)
+
+    def document(self) -> dict:
+        public = self.key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+        )
+        return {
+            "@context": ["https://www.w3.org/ns/did/v1"],
+            "id": self.did,
+            "verificationMethod": [
+                {
+                    "id": f"{self.did}#atproto",
+                    "type": "Multikey",
+                    "controller": self.did,
+                    "publicKeyMultibase": format_multikey(self.alg, public),
+                }
+            ],
+        }
+
+    def token(self, lxm: str | None, aud: str = SPINDLE_DID, exp_in: float = 60, key=None) -> str:
+        header = {"alg": self.alg, "typ": "JWT"}
+        payload = {
+            "iss": self.did,
+            "aud": aud,
+            "iat": int(time.time()),
+            "exp": int(time.time() + exp_in),
+        }
+        if lxm:
+            payload["lxm"] = lxm
+        signing_input = f"{_b64(json.dumps(header))}.{_b64(json.dumps(payload))}"
+        der = (key or self.key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        order = ORDERS[self.alg]
+        s = min(s, order - s)  # atproto requires low-S signatures
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return f"{signing_input}.{_b64(signature)}"
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class DocumentHost:
+    """Serves DID documents: as a PLC directory (``GET /<did>``) and as a did:web
+    host (``GET /.well-known/did.json``)."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, dict] = {}
+        self.web_document: dict | None = None
+        self.requests = 0
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.requests += 1
+                if self.path == "/.well-known/did.json":
+                    doc = host.web_document
+                else:
+                    doc = host.documents.get(self.path.lstrip("/"))
+                body = json.dumps(doc or {"message": "DID not registered"}).encode()
+                self.send_response(200 if doc else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def register(self, identity: Identity) -> Identity:
+        self.documents[identity.did] = identity.document()
+        return identity
+
+
+@pytest.fixture
+def plc():
+    host = DocumentHost()
+    yield host
+    host.server.shutdown()
+
+
+@pytest.fixture
+def xrpc_tack(serve_repo, plc, jetstream, clock):
+    """tack resolving did:plc through the local PLC host, serving OWNER's repo
+    ``hello`` with Alice as collaborator (and Carol "granted" by Bob)."""
+    spindle = serve_repo(SPINDLE_SERVER_PLC_URL=plc.url)
+    uri = spindle.directory.repo_by_name(OWNER, "hello").at_uri
+    jetstream.add(
+        commit(clock, OWNER, COLLABORATOR, "c1", "create", collaborator(ALICE, uri)),
+        commit(clock, BOB, COLLABORATOR, "c2", "create", collaborator(CAROL, uri)),
+    )
+    wait_until(
+        lambda: spindle.directory.is_collaborator(
+            spindle.directory.repo_by_name(OWNER, "hello"), ALICE
+        )
+    )
+    return spindle, uri
+
+
+def call(
+    port: int,
+    method: str,
+    token: str | None,
+    body: object = None,
+    query: str = "",
+    raw: bytes | None = None,
+) -> tuple[int, dict]:
+    url = f"http://127.0.0.1:{port}/xrpc/{method}{query}"
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method="GET" if data is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+ADD = "sh.tangled.repo.addSecret"
+REMOVE = "sh.tangled.repo.removeSecret"
+LIST = "sh.tangled.repo.listSecrets"
+CANCEL = "sh.tangled.pipeline.cancelPipeline"
+
+
+def test_owner_adds_lists_uses_and_removes_a_secret(xrpc_tack, plc, knot):
+    spindle, uri = xrpc_tack
+    owner = plc.register(Identity(OWNER))
+    port = spindle.server.port
+    assert call(
+        port,
+        ADD,
+        owner.token(ADD),
+        {"repo": uri, "key": "DEPLOY_TOKEN", "value": "s3cr3t-value-42"},
+    ) == (200, {})
+    status, listing = call(port, LIST, owner.token(LIST), query=f"?repo={uri}")
+    assert status == 200
+    assert [(s["key"], s["repo"], s["createdBy"]) for s in listing["secrets"]] == [
+        ("DEPLOY_TOKEN", uri, OWNER)
+    ]
+    assert "s3cr3t-value-42" not in json.dumps(listing)
+    status, body = call(
+        port, ADD, owner.token(ADD), {"repo": uri, "key": "DEPLOY_TOKEN", "value": "x"}
+    )
+    assert (status, body["error"]) == (400, "DuplicateSecret")
+
+    # The secret reaches this repo's workflow environment and is masked in its log.
+    client = EventsClient(port).start()
+    raw = (
+        'steps:\n  - name: use\n    command: echo "token=$DEPLOY_TOKEN"; test -n "$DEPLOY_TOKEN"\n'
+    )
+    rkey = knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "shell", raw)]))
+    wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
+    lines = read_log(port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
+    assert [ln["content"] for ln in lines if ln["kind"] == "data"] == ["token=***"]
+
+    # At rest the value is sealed: the database file never holds it in plain.
+    db_bytes = Path(spindle.config.db_path).read_bytes() + _wal(spindle.config.db_path)
+    assert b"s3cr3t-value-42" not in db_bytes
+    key_file = spindle.config.key_file
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+    assert call(port, REMOVE, owner.token(REMOVE), {"repo": uri, "key": "DEPLOY_TOKEN"}) == (
+        200,
+        {},
+    )
+    assert call(port, LIST, owner.token(LIST), query=f"?repo={uri}") == (200, {"secrets": []})
+    status, body = call(port, REMOVE, owner.token(REMOVE), {"repo": uri, "key": "DEPLOY_TOKEN"})
+    assert (status, body["error"]) == (404, "SecretNotFound")
+
+
+def _wal(db_path: str) -> bytes:
+    wal = Path(db_path + "-wal")
+    return wal.read_bytes() if wal.exists() else b""
+
+
+def test_collaborator_with_a_did_web_p256_key_may_manage_secrets(serve_repo, plc, jetstream, clock):
+    web = DocumentHost()
+    try:
+        identity = Identity(f"did:web:127.0.0.1%3A{web.port}", alg="ES256")
+        web.web_document = identity.document()
+        spindle = serve_repo(SPINDLE_SERVER_PLC_URL=plc.url)
+        uri = spindle.directory.repo_by_name(OWNER, "hello").at_uri
+        jetstream.add(
+            commit(clock, OWNER, COLLABORATOR, "c9", "create", collaborator(identity.did, uri))
+        )
+        repo = spindle.directory.repo_by_name(OWNER, "hello")
+        wait_until(lambda: spindle.directory.is_collaborator(repo, identity.did))
+        port = spindle.server.port
+        assert call(port, ADD, identity.token(ADD), {"repo": uri, "key": "K", "value": "v"}) == (
+            200,
+            {},
+        )
+        status, listing = call(port, LIST, identity.token(LIST), query=f"?repo={uri}")
+        assert status == 200 and listing["secrets"][0]["createdBy"] == identity.did
+    finally:
+        web.server.shutdown()
+
+
+def test_collaborator_may_cancel_a_running_workflow(xrpc_tack, plc, knot):
+    spindle, uri = xrpc_tack
+    alice = plc.register(Identity(ALICE))
+    port = spindle.server.port
+    client = EventsClient(port).start()
+    raw = "steps:\n  - name: long\n    command: sleep 341\n"
+    rkey = knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "shell", raw)]))
+    wait_until(lambda: client.statuses() == ["pending", "running"], timeout=30)
+    pipeline_uri = f"at://did:web:{knot.name}/sh.tangled.pipeline/{rkey}"
+    body = {"repo": uri, "pipeline": pipeline_uri, "workflow": "ci.yml"}
+    assert call(port, CANCEL, alice.token(CANCEL), body) == (200, {})
+    wait_until(lambda: client.statuses() == ["pending", "running", "cancelled"], timeout=15)
+    status, again = call(port, CANCEL, alice.token(CANCEL), body)
+    assert (status, again["error"]) == (409, "AlreadyFinished") and "cancelled" in again["message"]
+    status, missing = call(port, CANCEL, alice.token(CANCEL), {**body, "workflow": "nope.yml"})
+    assert (status, missing["error"]) == (404, "WorkflowNotFound")
+
+
+def test_every_unauthenticated_or_unauthorized_call_is_refused(xrpc_tack, plc):
+    spindle, uri = xrpc_tack
+    port = spindle.server.port
+    owner = plc.register(Identity(OWNER))
+    bob = plc.register(Identity(BOB))
+    carol = plc.register(Identity(CAROL))
+    stranger = Identity("did:plc:unregistered")  # PLC answers 404 for it
+    add = {"repo": uri, "key": "K", "value": "v"}
+
+    def refused(token, body=add, method=ADD) -> tuple[int, str]:
+        status, answer = call(port, method, token, body)
+        return status, answer.get("error", "")
+
+    assert refused(None) == (401, "AuthenticationRequired")
+    assert refused("not.a.jwt") == (401, "AuthenticationRequired")
+    assert refused("garbage") == (401, "AuthenticationRequired")
+    other_key = ec.generate_private_key(ec.SECP256K1())
+    assert refused(owner.token(ADD, key=other_key)) == (401, "AuthenticationRequired")
+    assert refused(owner.token(ADD, exp_in=-30)) == (401, "AuthenticationRequired")
+    assert refused(owner.token(ADD, aud="did:web:other.spindle")) == (401, "AuthenticationRequired")
+    assert refused(owner.token(REMOVE)) == (401, "AuthenticationRequired")  # lxm for another method
+    assert refused(stranger.token(ADD)) == (401, "AuthenticationRequired")
+    assert refused(bob.token(ADD)) == (403, "Forbidden")
+    assert refused(carol.token(ADD)) == (
+        403,
+        "Forbidden",
+    )  # granted by someone who is not the owner
+    assert refused(owner.token(ADD), {**add, "key": "1BAD"}) == (400, "InvalidRequest")
+    assert refused(owner.token(ADD), {**add, "key": "BAD-KEY"}) == (400, "InvalidRequest")
+    assert refused(owner.token(ADD), {**add, "key": "K" * 51}) == (400, "InvalidRequest")
+    assert refused(owner.token(ADD), {**add, "value": "v" * 201}) == (400, "InvalidRequest")
+    assert refused(owner.token(ADD), {**add, "value": 5}) == (400, "InvalidRequest")
+    assert refused(
+        owner.token(ADD), {**add, "repo": "at://did:plc:owner/sh.tangled.repo/none"}
+    ) == (404, "RepoNotFound")
+    assert refused(owner.token(ADD), {**add, "repo": "https://example.com"}) == (
+        400,
+        "InvalidRequest",
+    )
+    assert call(port, ADD, owner.token(ADD), raw=b"{not json")[0] == 400
+    assert call(port, ADD, owner.token(ADD), raw=b"[1, 2]")[0] == 400
+    assert call(port, ADD, owner.token(ADD), raw=b'{"repo": "' + b"x" * 10_000 + b'"}')[0] == 413
+    # A token without lxm is accepted (lxm is checked only when present).
+    assert refused(owner.token(None), {**add, "key": "NO_LXM"}) == (200, "")
+    listing = call(port, LIST, owner.token(LIST), query=f"?repo={uri}")[1]["secrets"]
+    assert [s["key"] for s in listing] == ["NO_LXM"], "no refused call stored anything"
+
+
+def test_a_resolver_that_hangs_answers_401_within_its_timeout(serve_repo, jetstream):
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen()  # accepts connections, never answers
+    try:
+        spindle = serve_repo(SPINDLE_SERVER_PLC_URL=f"http://127.0.0.1:{hole.getsockname()[1]}")
+        uri = spindle.directory.repo_by_name(OWNER, "hello").at_uri
+        started = time.monotonic()
+        status, body = call(
+            spindle.server.port, LIST, Identity(OWNER).token(LIST), query=f"?repo={uri}"
+        )
+        assert (status, body["error"]) == (401, "AuthenticationRequired")
+        assert "could not resolve" in body["message"]
+        assert time.monotonic() - started < 15
+        # Meanwhile the server still answers others.
+        assert call(spindle.server.port, "sh.tangled.owner", None)[0] == 200
+    finally:
+        hole.close()
+
+
+def test_did_documents_are_cached_and_refreshed_once_on_key_rotation(xrpc_tack, plc):
+    spindle, uri = xrpc_tack
+    port = spindle.server.port
+    owner = plc.register(Identity(OWNER))
+    assert call(port, LIST, owner.token(LIST), query=f"?repo={uri}")[0] == 200
+    before = plc.requests
+    assert call(port, LIST, owner.token(LIST), query=f"?repo={uri}")[0] == 200
+    assert plc.requests == before, "the second call used the cached document"
+    rotated = plc.register(Identity(OWNER))  # new key published for the same DID
+    assert call(port, LIST, rotated.token(LIST), query=f"?repo={uri}")[0] == 200
+    assert plc.requests == before + 1
+
+
+def test_secrets_survive_a_key_rotation(tmp_path):
+    from cryptography.fernet import Fernet
+
+    from tack import store
+    from tack.secrets import SecretStore, load_keys
+
+    db = store.open_database(str(tmp_path / "s.db"))
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    SecretStore(db, load_keys(old, "unused")).add("at://r", "K", "value-1", OWNER)
+    rotated = SecretStore(db, load_keys(f"{new},{old}", "unused"))
+    assert rotated.rotate() == 1
+    assert SecretStore(db, load_keys(new, "unused")).values("at://r") == {"K": "value-1"}
+    sealed = sqlite3.connect(tmp_path / "s.db").execute("SELECT value FROM secret").fetchone()[0]
+    assert b"value-1" not in sealed
+    db.close()
