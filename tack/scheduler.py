@@ -59,7 +59,7 @@ class Scheduler:
         self._resumable: deque[int] = deque()
         self._cancels: dict[int, threading.Event] = {}
         self._threads: list[threading.Thread] = []
-        self._shutting_down = False
+        self._stopping = threading.Event()  # tack is shutting down (not a user cancel)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -76,7 +76,7 @@ class Scheduler:
             self._work.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._shutting_down = True
+        self._stopping.set()
         for cancel in list(self._cancels.values()):
             cancel.set()
         self.wake()
@@ -174,7 +174,7 @@ class Scheduler:
         try:
             # A run stopped by our own shutdown is not the user's cancel: it
             # stays running and the next start resumes or fails it.
-            if not (self._shutting_down and outcome.status == "cancelled"):
+            if not (self._stopping.is_set() and outcome.status == "cancelled"):
                 self._finish(workflow, outcome)
         finally:
             self._cancels.pop(workflow.id, None)
@@ -227,6 +227,7 @@ class Scheduler:
             env=pipelines.tangled_env(record, uri, pipeline.repo_name, self._dev),
             secrets=secrets,
             cancel=cancel,
+            stopping=self._stopping,
             state=json.loads(workflow.backend_state or "{}"),
             save_state=save_state,
         )

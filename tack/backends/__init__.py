@@ -8,7 +8,9 @@ through ``WorkflowLog`` and returns an ``Outcome``:
 
 - ``run(job, log)`` blocks until the workflow is over and returns its outcome.
   It must watch ``job.cancel`` and return ``Outcome("cancelled")`` promptly
-  once it is set, and enforce its own timeout (``Outcome("timeout")``).
+  once it is set, and enforce its own timeout (``Outcome("timeout")``). When
+  ``job.stopping`` is set too, tack is shutting down: a backend driving an
+  outside CI returns without cancelling the remote run.
 - ``job.save_state(dict)`` persists what the backend needs to find its run
   again (a remote build id); after a restart ``resume(job, log)`` gets the
   same job with ``job.state`` filled in, and returns None if it cannot resume.
@@ -66,6 +68,9 @@ class Job:
     env: dict[str, str]  # CI and TANGLED_* variables (protocol §2)
     secrets: dict[str, str] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Set together with ``cancel`` when tack itself shuts down: stop watching,
+    # but leave a remote run alone, since the next start resumes it.
+    stopping: threading.Event = field(default_factory=threading.Event)
     state: dict[str, Any] = field(default_factory=dict)
     save_state: Callable[[dict[str, Any]], None] = lambda state: None
 
@@ -98,14 +103,14 @@ class Backends:
 
 
 def _types() -> dict[str, type[Backend]]:
+    from .buildbot import BuildbotBackend
     from .command import CommandBackend
     from .dummy import DummyBackend
     from .shell import ShellBackend
     from .webhook import WebhookBackend
 
-    return {
-        cls.type_name: cls for cls in (ShellBackend, CommandBackend, WebhookBackend, DummyBackend)
-    }
+    classes = (ShellBackend, CommandBackend, WebhookBackend, DummyBackend, BuildbotBackend)
+    return {cls.type_name: cls for cls in classes}
 
 
 def build(name: str, raw: dict[str, Any], context: Context) -> Backend:

@@ -1,0 +1,290 @@
+"""What every native CI adapter shares: HTTP, watching a remote run, logs, resume.
+
+An adapter (buildbot.py, buildkite.py, …) only says how its CI does four
+things: ``trigger`` a run, take a ``snapshot`` of it (state and the remote
+jobs or steps, which become log steps), fetch a unit's ``log_lines`` from an
+offset, and ``cancel_remote``. This module turns those into a tack run:
+
+- the remote run's ids are saved with the workflow at once, with how far each
+  unit's log was copied, so a restarted tack resumes watching the same run
+  and copies no line twice;
+- the first log line links to the remote run;
+- HTTP goes through ``RemoteHttp``: timeouts, retries with backoff on
+  connection errors, 5xx and 429 (honouring ``Retry-After``), and a clear
+  error once the retry budget is spent; a malformed answer is an error too,
+  never a crash. Credentials come from environment variables and appear in
+  no log line and no error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+from .. import logs
+from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
+from . import Backend, Context, Job, Outcome
+from .options import Options
+
+log = logs.get("remote")
+
+MAX_RESPONSE = 16 * 1024 * 1024
+MAX_RETRY_AFTER = 120.0
+
+
+class RemoteError(Exception):
+    """The CI could not be used; the message says what, fit for the workflow's error."""
+
+
+class _Retryable(RemoteError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Unit:
+    """A remote job or step, shown as one log step."""
+
+    id: str
+    name: str
+    done: bool
+
+
+@dataclass
+class Snapshot:
+    status: str  # pending | running | success | failed | timeout | cancelled
+    units: list[Unit] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status not in ("pending", "running")
+
+
+class RemoteHttp:
+    """JSON over HTTP with the retry policy every adapter needs."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        *,
+        attempts: int,
+        timeout: float,
+        backoff: float,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = headers
+        self._attempts = attempts
+        self._timeout = timeout
+        self._backoff = backoff
+
+    def json(
+        self, method: str, path: str, body: Any = None, params: dict | None = None, cancel=None
+    ) -> Any:
+        text = self.text(method, path, body, params, cancel)
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise RemoteError(f"malformed response to {method} {path}: not JSON") from None
+
+    def text(
+        self, method: str, path: str, body: Any = None, params: dict | None = None, cancel=None
+    ) -> str:
+        url = self.base_url + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        where = f"{method} {path}"
+
+        def attempt() -> str:
+            try:
+                with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                    raw = response.read(MAX_RESPONSE + 1)
+            except urllib.error.HTTPError as exc:
+                retry_after = _retry_after(exc.headers.get("Retry-After"))
+                if exc.code == 429 or exc.code >= 500:
+                    raise _Retryable(f"{where}: HTTP {exc.code}", retry_after) from None
+                raise RemoteError(f"{where}: HTTP {exc.code}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise _Retryable(f"{where}: cannot connect ({reason})") from None
+            if len(raw) > MAX_RESPONSE:
+                raise RemoteError(f"{where}: response larger than {MAX_RESPONSE} bytes")
+            return raw.decode("utf-8", errors="replace")
+
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, _Retryable)),
+            stop=stop_after_attempt(self._attempts),
+            wait=self._wait,
+            sleep=cancel.wait if cancel is not None else time.sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except _Retryable as exc:
+            raise RemoteError(f"{exc} (gave up after {self._attempts} attempts)") from None
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_RETRY_AFTER)
+        return min(self._backoff * 2 ** (state.attempt_number - 1), 60.0)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0
+    log.warning(
+        "CI API call failed, retrying",
+        extra={"attempt": state.attempt_number, "error": str(exc), "retry_in_s": round(delay, 2)},
+    )
+
+
+def credential(env_name: str | None) -> str | None:
+    return os.environ.get(env_name) if env_name else None
+
+
+class RemoteCI(Backend):
+    """Base of the native adapters; see the module docstring."""
+
+    def __init__(self, name: str, options: Options, context: Context) -> None:
+        super().__init__(name, options, context)
+        self.timeout = options.number("timeout", 3600, 1, 7 * 86400)
+        self.poll_interval = options.number("poll_interval", 5, 0.05, 600)
+        self.attempts = int(options.number("attempts", 5, 1, 100))
+        self.request_timeout = options.number("request_timeout", 30, 1, 300)
+        self.retry_initial = options.number("retry_initial", 1, 0.01, 60)
+
+    def http(self, base_url: str, headers: dict[str, str]) -> RemoteHttp:
+        return RemoteHttp(
+            base_url,
+            headers,
+            attempts=self.attempts,
+            timeout=self.request_timeout,
+            backoff=self.retry_initial,
+        )
+
+    # --- what an adapter implements ---------------------------------------------------
+
+    def trigger(self, job: Job) -> dict[str, Any]:
+        """Start the remote run; the ids needed to find it again (JSON-able), with
+        ``web_url`` for the log's first line."""
+        raise NotImplementedError
+
+    def snapshot(self, job: Job, run: dict[str, Any]) -> Snapshot:
+        raise NotImplementedError
+
+    def log_lines(
+        self, job: Job, run: dict[str, Any], unit: Unit, offset: int
+    ) -> tuple[list[tuple[str, str]], int]:
+        """Complete ``(stream, line)`` pairs of ``unit``'s log from ``offset`` on, and
+        the offset after them (the adapter decides what an offset counts)."""
+        raise NotImplementedError
+
+    def cancel_remote(self, job: Job, run: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # --- Backend ------------------------------------------------------------------------
+
+    def run(self, job: Job, workflow_log: WorkflowLog) -> Outcome:
+        workflow_log.start_step(0, f"Trigger {self.name}", SYSTEM_STEP)
+        try:
+            run = self.trigger(job)
+        except RemoteError as exc:
+            workflow_log.data(0, str(exc), "stderr")
+            workflow_log.end_step(0, f"Trigger {self.name}", SYSTEM_STEP)
+            return Outcome("failed", f"{self.name}: {exc}")
+        state = {"run": run, "deadline": time.time() + self.timeout, "logs": {}}
+        job.save_state(state)
+        workflow_log.data(0, f"{self.type_name} run: {run.get('web_url', '(no link)')}")
+        workflow_log.end_step(0, f"Trigger {self.name}", SYSTEM_STEP)
+        return self._watch(job, workflow_log, state)
+
+    def resume(self, job: Job, workflow_log: WorkflowLog) -> Outcome | None:
+        if "run" not in job.state:
+            return None  # stopped before the run was triggered
+        workflow_log.data(
+            0, f"tack restarted; watching {job.state['run'].get('web_url', 'the run')} again"
+        )
+        return self._watch(job, workflow_log, dict(job.state))
+
+    def _watch(self, job: Job, workflow_log: WorkflowLog, state: dict) -> Outcome:
+        run = state["run"]
+        while True:
+            if job.cancel.is_set():
+                if not job.stopping.is_set():  # a Tangled cancel, not our shutdown
+                    self._cancel(job, run)
+                return Outcome("cancelled")
+            try:
+                snapshot = self.snapshot(job, run)
+                if self._copy_logs(job, workflow_log, state, snapshot):
+                    job.save_state(state)
+            except RemoteError as exc:
+                workflow_log.error(str(exc), f"{self.name} API")
+                return Outcome("failed", f"{self.name}: {exc}")
+            if snapshot.final:
+                return Outcome(snapshot.status, snapshot.error, snapshot.exit_code)
+            if time.time() > state["deadline"]:
+                self._cancel(job, run)
+                return Outcome(
+                    "timeout", f"the {self.type_name} run did not finish within {self.timeout:g}s"
+                )
+            job.cancel.wait(self.poll_interval)
+
+    def _cancel(self, job: Job, run: dict) -> None:
+        try:
+            self.cancel_remote(job, run)
+        except RemoteError as exc:
+            log.warning("remote cancel failed", extra={"workflow": job.name, "error": str(exc)})
+
+    def _copy_logs(
+        self, job: Job, workflow_log: WorkflowLog, state: dict, snapshot: Snapshot
+    ) -> bool:
+        """Bring each unit's new log text over as lines of its step; True if anything moved."""
+        moved = False
+        for index, unit in enumerate(snapshot.units, start=1):
+            progress = state["logs"].setdefault(
+                unit.id, {"offset": 0, "started": False, "ended": False}
+            )
+            if progress["ended"]:
+                continue
+            if not progress["started"]:
+                workflow_log.start_step(index, unit.name, USER_STEP)
+                progress["started"] = moved = True
+            lines, offset = self.log_lines(job, state["run"], unit, progress["offset"])
+            for stream, line in lines:
+                workflow_log.data(index, line, stream)
+            if offset != progress["offset"]:
+                progress["offset"] = offset
+                moved = True
+            if unit.done:
+                workflow_log.end_step(index, unit.name, USER_STEP)
+                progress["ended"] = moved = True
+        return moved
