@@ -104,12 +104,24 @@ class Backends:
 
 def _types() -> dict[str, type[Backend]]:
     from .buildbot import BuildbotBackend
+    from .buildkite import BuildkiteBackend
     from .command import CommandBackend
     from .dummy import DummyBackend
+    from .github import GitHubBackend
+    from .gitlab import GitLabBackend
     from .shell import ShellBackend
     from .webhook import WebhookBackend
 
-    classes = (ShellBackend, CommandBackend, WebhookBackend, DummyBackend, BuildbotBackend)
+    classes = (
+        ShellBackend,
+        CommandBackend,
+        WebhookBackend,
+        DummyBackend,
+        BuildbotBackend,
+        GitHubBackend,
+        GitLabBackend,
+        BuildkiteBackend,
+    )
     return {cls.type_name: cls for cls in classes}
 
 

@@ -21,14 +21,14 @@ class Options:
         self._raw.pop("type", None)
         self._used: set[str] = set()
 
-    def _fail(self, key: str, problem: str) -> ConfigError:
+    def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError("TACK_CONFIG", f"backends.{self.name}.{key}: {problem}")
 
     def _value(self, key: str, required: bool) -> Any:
         self._used.add(key)
         if key not in self._raw:
             if required:
-                raise self._fail(key, "is required")
+                raise self.fail(key, "is required")
             return None
         return self._raw[key]
 
@@ -37,7 +37,7 @@ class Options:
         if value is None:
             return default
         if not isinstance(value, str) or not value.strip():
-            raise self._fail(key, "must be a non-empty string")
+            raise self.fail(key, "must be a non-empty string")
         return value
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
@@ -49,7 +49,7 @@ class Options:
             or not isinstance(value, int | float)
             or not low <= value <= high
         ):
-            raise self._fail(key, f"must be a number from {low} to {high}")
+            raise self.fail(key, f"must be a number from {low} to {high}")
         return float(value)
 
     def argv(self, key: str, *, required: bool = False) -> list[str]:
@@ -61,7 +61,7 @@ class Options:
             or not value
             or not all(isinstance(v, str) and v for v in value)
         ):
-            raise self._fail(key, 'must be a list of strings, e.g. ["bwrap", "--die-with-parent"]')
+            raise self.fail(key, 'must be a list of strings, e.g. ["bwrap", "--die-with-parent"]')
         return list(value)
 
     def url(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
@@ -70,7 +70,7 @@ class Options:
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self._fail(key, "must be an http:// or https:// URL")
+            raise self.fail(key, "must be an http:// or https:// URL")
         return value.rstrip("/")
 
     def env_name(self, key: str, *, required: bool = False) -> str | None:
@@ -79,11 +79,11 @@ class Options:
         if name is None:
             return None
         if not os.environ.get(name):
-            raise self._fail(key, f"names environment variable {name}, which is not set")
+            raise self.fail(key, f"names environment variable {name}, which is not set")
         return name
 
     def finish(self) -> None:
         """Unknown keys are typos until proven otherwise."""
         unknown = sorted(set(self._raw) - self._used)
         if unknown:
-            raise self._fail(unknown[0], "is not an option of this backend type")
+            raise self.fail(unknown[0], "is not an option of this backend type")

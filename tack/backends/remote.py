@@ -71,6 +71,31 @@ class Snapshot:
         return self.status not in ("pending", "running")
 
 
+CREDENTIAL_HEADERS = ("authorization", "private-token")
+
+
+class _NoCredentialsElsewhere(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send credentials only to the host they are for.
+
+    urllib would copy them onto the new request; a CI that redirects a log
+    download to blob storage must not receive the API token there.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if (
+            new is not None
+            and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc
+        ):
+            for name in list(new.headers):
+                if name.lower() in CREDENTIAL_HEADERS:
+                    del new.headers[name]
+        return new
+
+
+_opener = urllib.request.build_opener(_NoCredentialsElsewhere)
+
+
 class RemoteHttp:
     """JSON over HTTP with the retry policy every adapter needs."""
 
@@ -115,7 +140,7 @@ class RemoteHttp:
 
         def attempt() -> str:
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                with _opener.open(request, timeout=self._timeout) as response:
                     raw = response.read(MAX_RESPONSE + 1)
             except urllib.error.HTTPError as exc:
                 retry_after = _retry_after(exc.headers.get("Retry-After"))
@@ -288,3 +313,24 @@ class RemoteCI(Backend):
                 workflow_log.end_step(index, unit.name, USER_STEP)
                 progress["ended"] = moved = True
         return moved
+
+
+# --- reading vendors' JSON: every shape mistake is a RemoteError, never a crash
+
+
+def field_of(item: Any, key: str, kind: type) -> Any:
+    value = item.get(key) if isinstance(item, dict) else None
+    if kind is int and isinstance(value, bool):
+        value = None
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # ids some APIs send as numbers
+    if not isinstance(value, kind):
+        raise RemoteError(f"malformed answer: {key} missing or not {kind.__name__}")
+    return value
+
+
+def items_of(item: Any, key: str) -> list[dict]:
+    value = item.get(key) if isinstance(item, dict) else item if key == "" else None
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise RemoteError(f"malformed answer: {key or 'body'} is not a list of objects")
+    return value

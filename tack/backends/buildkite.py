@@ -1,0 +1,116 @@
+"""``buildkite``: run a workflow as a build of a Buildkite pipeline.
+
+Buildkite REST API v2 (https://buildkite.com/docs/apis/rest-api/builds and
+/jobs): create a build for the commit with the ``TANGLED_*`` values (and
+``buildkite: {env: {…}}`` from the workflow file) as build env; follow the
+build's script jobs, one log step each; cancel the build on a Tangled cancel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from . import Context, Job
+from .buildbot import extra_properties
+from .options import Options
+from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential, field_of, items_of
+
+_FINAL_BUILD = {
+    "passed": "success",
+    "failed": "failed",
+    "canceled": "cancelled",
+    "skipped": "cancelled",
+    "not_run": "failed",
+    "finished": "failed",
+}
+_DONE_JOB = {
+    "passed",
+    "failed",
+    "canceled",
+    "timed_out",
+    "skipped",
+    "broken",
+    "expired",
+    "finished",
+    "not_run",
+}
+
+
+class BuildkiteBackend(RemoteCI):
+    type_name = "buildkite"
+
+    def __init__(self, name: str, options: Options, context: Context) -> None:
+        super().__init__(name, options, context)
+        self.organization = options.text("organization", required=True)
+        self.pipeline = options.text("pipeline", required=True)
+        self.token_env = options.env_name("token_env", required=True)
+        self.api_url = options.url("api_url", "https://api.buildkite.com")
+
+    def _api(self):
+        return self.http(self.api_url, {"Authorization": f"Bearer {credential(self.token_env)}"})
+
+    def _builds(self) -> str:
+        org, pipeline = quote(self.organization, safe=""), quote(self.pipeline, safe="")
+        return f"/v2/organizations/{org}/pipelines/{pipeline}/builds"
+
+    def trigger(self, job: Job) -> dict[str, Any]:
+        env = job.env
+        body = {
+            "commit": env.get("TANGLED_SHA", "HEAD"),
+            "branch": env.get("TANGLED_REF_NAME", env["TANGLED_REPO_DEFAULT_BRANCH"]),
+            "message": f"Tangled {job.name} ({job.pipeline_uri})",
+            "env": {**env, "TANGLED_WORKFLOW": job.name, **extra_properties(job, "buildkite")},
+        }
+        build = self._api().json("POST", self._builds(), body, cancel=job.cancel)
+        number = field_of(build, "number", int)
+        return {"number": number, "web_url": str(build.get("web_url", ""))}
+
+    def snapshot(self, job: Job, run: dict[str, Any]) -> Snapshot:
+        build = self._api().json("GET", f"{self._builds()}/{run['number']}", cancel=job.cancel)
+        state = field_of(build, "state", str)
+        jobs = [j for j in items_of(build, "jobs") if j.get("type", "script") == "script"]
+        units = [
+            Unit(
+                field_of(j, "id", str),
+                str(j.get("name") or j.get("command") or "job"),
+                j.get("state") in _DONE_JOB,
+            )
+            for j in jobs
+        ]
+        status = _FINAL_BUILD.get(state)
+        if status is None:
+            return Snapshot("pending" if state in ("scheduled", "creating") else "running", units)
+        failed = next(
+            (j for j in jobs if j.get("state") in ("failed", "timed_out", "broken")), None
+        )
+        exit_code = failed.get("exit_status") if failed else None
+        error = None
+        if status == "failed":
+            error = f"Buildkite build {state}" + (
+                f": job {failed.get('name')!r} failed" if failed else ""
+            )
+        return Snapshot(status, units, error, exit_code if isinstance(exit_code, int) else None)
+
+    def log_lines(self, job: Job, run: dict[str, Any], unit: Unit, offset: int):
+        answer = self._api().json(
+            "GET", f"{self._builds()}/{run['number']}/jobs/{quote(unit.id)}/log", cancel=job.cancel
+        )
+        content = answer.get("content") if isinstance(answer, dict) else None
+        if content is None:
+            return [], offset
+        if not isinstance(content, str):
+            raise RemoteError("malformed Buildkite answer: log content is not text")
+        return new_lines(content, offset, unit.done)
+
+    def cancel_remote(self, job: Job, run: dict[str, Any]) -> None:
+        self._api().json("PUT", f"{self._builds()}/{run['number']}/cancel")
+
+
+def new_lines(text: str, offset: int, done: bool) -> tuple[list[tuple[str, str]], int]:
+    """Lines of a growing log text after character ``offset``: only complete ones
+    while the unit runs (the last may still be written), all once it is done."""
+    fresh = text[offset:]
+    if not done:
+        fresh = fresh[: fresh.rfind("\n") + 1]
+    return [("stdout", line) for line in fresh.splitlines()], offset + len(fresh)
