@@ -299,6 +299,24 @@ def test_command_backend_timeout(serve_repo, knot, tmp_path):
         ('[backends.x]\ntype = "dummy"\n[aliases]\nnixery = "y"\n', "aliases.nixery: no backend"),
         ("[backends.x\n", "not valid TOML"),
         ("[other]\n", "other: unknown section"),
+        (
+            '[backends.x]\ntype = "github-actions"\nrepository = "bad"\nworkflow = "w"\n'
+            'token_env = "PATH"\n',
+            "backends.x.repository: must be owner/name",
+        ),
+        (
+            '[backends.x]\ntype = "buildkite"\norganization = "a"\npipeline = "p"\n',
+            "backends.x.token_env: is required",
+        ),
+        (
+            '[backends.x]\ntype = "buildbot"\nurl = "http://b"\nbuilder = "b"\n',
+            "backends.x.scheduler: is required",
+        ),
+        (
+            '[backends.x]\ntype = "gitlab-ci"\nproject = "p"\ntoken_env = "PATH"\n'
+            "poll_interval = 0\n",
+            "backends.x.poll_interval: must be a number",
+        ),
     ],
 )
 def test_bad_backend_configuration_exits_2_naming_the_key(tmp_path, toml, phrase):
@@ -338,8 +356,18 @@ def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
 def test_the_shipped_example_configuration_loads(monkeypatch):
     from tack.backends import load
 
-    monkeypatch.setenv("TACK_WEBHOOK_SECRET", "s")
+    for name in ("TACK_WEBHOOK_SECRET", "GITHUB_TOKEN", "GITLAB_TOKEN", "BUILDKITE_TOKEN"):
+        monkeypatch.setenv(name, "s")
     example = Path(__file__).resolve().parent.parent / "scripts" / "tack.toml"
     backends = load(str(example), Context("spindle.example.com", dev=False))
-    assert set(backends.instances) == {"shell", "jenkins-cli", "ci", "dummy"}
+    assert set(backends.instances) == {
+        "shell",
+        "jenkins-cli",
+        "ci",
+        "dummy",
+        "buildbot",
+        "github",
+        "gitlab",
+        "buildkite",
+    }
     assert backends.resolve("nixery") is backends.instances["shell"]
