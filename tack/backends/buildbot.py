@@ -17,29 +17,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from ..workflow import WorkflowError
 from . import Context, Job
 from .options import Options
-from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential
+from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential, extra_properties
 
 _RESULTS = {0: "success", 1: "success", 2: "failed", 3: "success", 4: "failed", 6: "cancelled"}
 RETRY = 5
 LINES_PER_FETCH = 1000
-
-
-def extra_properties(job: Job, key: str) -> dict[str, str]:
-    """Extra values a workflow file gives its CI under ``<key>:``.
-
-    ``properties`` (Buildbot), ``variables`` (GitLab) or ``env`` (Buildkite),
-    each a mapping of names to values.
-    """
-    section = job.spec.document.get(key) or {}
-    if not isinstance(section, dict):
-        raise WorkflowError(f"{key} must be a mapping")
-    values = section.get("properties") or section.get("variables") or section.get("env") or {}
-    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-        raise WorkflowError(f"{key}: properties must be a mapping of names to values")
-    return {k: str(v) for k, v in values.items()}
 
 
 class BuildbotBackend(RemoteCI):

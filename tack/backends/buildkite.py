@@ -12,9 +12,18 @@ from typing import Any
 from urllib.parse import quote
 
 from . import Context, Job
-from .buildbot import extra_properties
 from .options import Options
-from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential, field_of, items_of
+from .remote import (
+    RemoteCI,
+    RemoteError,
+    Snapshot,
+    Unit,
+    credential,
+    extra_properties,
+    field_of,
+    items_of,
+    new_lines,
+)
 
 _FINAL_BUILD = {
     "passed": "success",
@@ -105,12 +114,3 @@ class BuildkiteBackend(RemoteCI):
 
     def cancel_remote(self, job: Job, run: dict[str, Any]) -> None:
         self._api().json("PUT", f"{self._builds()}/{run['number']}/cancel")
-
-
-def new_lines(text: str, offset: int, done: bool) -> tuple[list[tuple[str, str]], int]:
-    """Lines of a growing log text after character ``offset``: only complete ones
-    while the unit runs (the last may still be written), all once it is done."""
-    fresh = text[offset:]
-    if not done:
-        fresh = fresh[: fresh.rfind("\n") + 1]
-    return [("stdout", line) for line in fresh.splitlines()], offset + len(fresh)

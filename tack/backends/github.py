@@ -22,9 +22,17 @@ from urllib.parse import quote
 
 from ..workflow import WorkflowError
 from . import Context, Job
-from .buildkite import new_lines
 from .options import Options
-from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential, field_of, items_of
+from .remote import (
+    RemoteCI,
+    RemoteError,
+    Snapshot,
+    Unit,
+    credential,
+    field_of,
+    items_of,
+    new_lines,
+)
 
 _CONCLUSION = {
     "success": "success",

@@ -15,10 +15,17 @@ from typing import Any
 from urllib.parse import quote
 
 from . import Context, Job
-from .buildbot import extra_properties
-from .buildkite import new_lines
 from .options import Options
-from .remote import RemoteCI, Snapshot, Unit, credential, field_of, items_of
+from .remote import (
+    RemoteCI,
+    Snapshot,
+    Unit,
+    credential,
+    extra_properties,
+    field_of,
+    items_of,
+    new_lines,
+)
 
 _FINAL = {"success": "success", "failed": "failed", "canceled": "cancelled", "skipped": "cancelled"}
 _WAITING = {"created", "waiting_for_resource", "preparing", "pending", "scheduled"}

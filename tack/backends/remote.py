@@ -30,6 +30,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from .. import logs
+from ..workflow import WorkflowError
 from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome
 from .options import Options
@@ -242,7 +243,7 @@ class RemoteCI(Backend):
         workflow_log.start_step(0, f"Trigger {self.name}", SYSTEM_STEP)
         try:
             run = self.trigger(job)
-        except RemoteError as exc:
+        except (RemoteError, WorkflowError) as exc:
             workflow_log.data(0, str(exc), "stderr")
             workflow_log.end_step(0, f"Trigger {self.name}", SYSTEM_STEP)
             return Outcome("failed", f"{self.name}: {exc}")
@@ -334,3 +335,27 @@ def items_of(item: Any, key: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
         raise RemoteError(f"malformed answer: {key or 'body'} is not a list of objects")
     return value
+
+
+def extra_properties(job: Job, key: str) -> dict[str, str]:
+    """Extra values a workflow file gives its CI under ``<key>:``.
+
+    ``properties`` (Buildbot), ``variables`` (GitLab) or ``env`` (Buildkite),
+    each a mapping of names to values.
+    """
+    section = job.spec.document.get(key) or {}
+    if not isinstance(section, dict):
+        raise WorkflowError(f"{key} must be a mapping")
+    values = section.get("properties") or section.get("variables") or section.get("env") or {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise WorkflowError(f"{key}: properties must be a mapping of names to values")
+    return {k: str(v) for k, v in values.items()}
+
+
+def new_lines(text: str, offset: int, done: bool) -> tuple[list[tuple[str, str]], int]:
+    """Lines of a growing log text after character ``offset``: only complete ones
+    while the unit runs (the last may still be written), all once it is done."""
+    fresh = text[offset:]
+    if not done:
+        fresh = fresh[: fresh.rfind("\n") + 1]
+    return [("stdout", line) for line in fresh.splitlines()], offset + len(fresh)
