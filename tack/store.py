@@ -340,10 +340,6 @@ def save_cursor(name: str, value: int) -> None:
     ).execute()
 
 
-def delete_cursor(name: str) -> None:
-    Cursor.delete().where(Cursor.name == name).execute()
-
-
 # --- queries -----------------------------------------------------------------
 
 
