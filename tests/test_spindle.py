@@ -300,3 +300,31 @@ def test_knot_names_are_vetted(knot_name, dev, refused):
             vet_knot(knot_name, dev)
     else:
         vet_knot(knot_name, dev)
+
+
+def test_outside_dev_mode_a_name_resolving_to_a_private_address_is_refused():
+    from tack.knots import open_vetted_socket
+
+    # "localhost" passes the name check only in dev mode; resolved, it is loopback.
+    with pytest.raises(KnotRefused, match="non-public"):
+        open_vetted_socket("wss://localhost:443/events", dev=False)
+
+
+def test_logs_follow_a_running_workflow_to_its_end(served, knot):
+    client = events(served)
+    slow = "steps:\n  - {name: one, command: a}\n  - {name: two, command: b}\ndummy: {delay: 1}\n"
+    rkey = knot.send_pipeline(
+        push_pipeline(knot.name, OWNER, "myrepo", [("slow.yml", "dummy", slow)])
+    )
+    wait_until(lambda: client.statuses() == ["pending", "running"])
+    log = read_log(served.server.port, f"/logs/{knot.name}/{rkey}/slow.yml")
+    assert client.statuses() == ["pending", "running", "success"], (
+        "the stream ended with the workflow"
+    )
+    assert log.close_code == 1000
+    assert [ln["content"] for ln in log.lines if ln["kind"] == "control"] == [
+        "one",
+        "one",
+        "two",
+        "two",
+    ]
