@@ -23,8 +23,8 @@ import peewee
 
 from . import logs, pipelines, retry
 from .backends import Backend, Backends, Job, Outcome
-from .statuses import FINAL, PENDING, RUNNING, StatusLog
-from .store import Pipeline, Workflow
+from .statuses import FINAL, RUNNING, StatusLog
+from .store import Pipeline, Workflow, next_pending_workflow
 from .workflow import WorkflowError, parse
 from .worklogs import LogBook
 
@@ -147,12 +147,7 @@ class Scheduler:
 
         def attempt() -> Workflow | None:
             with self._statuses.writing() as statuses:
-                workflow = (
-                    Workflow.select()
-                    .where(Workflow.status == PENDING)
-                    .order_by(Workflow.id)
-                    .first()
-                )
+                workflow = next_pending_workflow()
                 if workflow is None:
                     return None
                 statuses.append(workflow, RUNNING)

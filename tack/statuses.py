@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import peewee
 
 from . import logs, tid
-from .store import StatusEvent, Workflow, pipeline_uri
+from .store import StatusEvent, Workflow, compile_once, pipeline_uri
 
 log = logs.get("statuses")
 
@@ -36,6 +36,22 @@ NEW, PENDING, RUNNING = "new", "pending", "running"
 FINAL = frozenset({"success", "failed", "timeout", "cancelled"})
 ALL = frozenset({PENDING, RUNNING}) | FINAL
 _RANK = {NEW: -1, PENDING: 0, RUNNING: 1, **dict.fromkeys(FINAL, 2)}
+# The statuses a workflow may be in for a move to each status to be allowed.
+_MAY_FOLLOW = {
+    status: [before for before in (NEW, PENDING, RUNNING) if _RANK[before] < _RANK[status]]
+    for status in ALL
+}
+_ADVANCE = {
+    status: compile_once(
+        lambda status=status: Workflow.update(
+            status=status, error="", exit_code=0, updated_at=0
+        ).where((Workflow.id == 0) & Workflow.status.in_(_MAY_FOLLOW[status]))
+    )
+    for status in ALL
+}
+_INSERT_EVENT = compile_once(
+    lambda: StatusEvent.insert(rkey="", created=0, workflow_id=0, status="", frame="")
+)
 # The statuses a workflow may be in for a move to each status to be allowed.
 _MAY_FOLLOW = {
     status: [before for before in (NEW, PENDING, RUNNING) if _RANK[before] < _RANK[status]]
@@ -110,13 +126,15 @@ class StatusLog:
         """Record ``status`` for ``workflow`` (inside ``writing``); False if refused."""
         if status not in ALL:
             raise ValueError(f"unknown status {status!r}")
-        current = Workflow.get_by_id(workflow.id).status
-        if current in FINAL or _RANK[status] <= _RANK[current]:
-            return False  # final is final; no going back; repeats change nothing
         created = self._next_created()
-        Workflow.update(status=status, error=error, exit_code=exit_code, updated_at=created).where(
-            Workflow.id == workflow.id
-        ).execute()
+        # The guard in the WHERE clause is the transition rule: final is
+        # final, no going back, and a repeat changes nothing.
+        moved = self._db.execute_sql(
+            _ADVANCE[status](),
+            (status, error, exit_code, created, workflow.id, *_MAY_FOLLOW[status]),
+        ).rowcount
+        if not moved:
+            return False
         rkey = tid.encode(created // 1000, self._clock_id)
         event: dict = {
             "$type": NSID,
@@ -130,10 +148,10 @@ class StatusLog:
         if exit_code is not None:
             event["exitCode"] = exit_code
         frame = json.dumps({"rkey": rkey, "nsid": NSID, "event": event}, separators=(",", ":"))
-        row = StatusEvent.create(
-            rkey=rkey, created=created, workflow_id=workflow.id, status=status, frame=frame
-        )
-        self._uncommitted.append((row.id, self._encode(frame)))
+        event_id = self._db.execute_sql(
+            _INSERT_EVENT(), (rkey, created, workflow.id, status, frame)
+        ).lastrowid
+        self._uncommitted.append((event_id, self._encode(frame)))
         workflow.status = status
         log.info(
             "workflow status",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import peewee
 from peewee import (
@@ -255,6 +255,31 @@ def open_database(path: str) -> SqliteDatabase:
     db.connect(reuse_if_open=True)
     migrate(db)
     return db
+
+
+def compile_once(build: Callable[[], peewee.Query]) -> Callable[[], str]:
+    """The SQL of a statement on a hot path, built by peewee on first use.
+
+    Building a query costs far more than running it; callers bind fresh
+    values to the same SQL in the order peewee put its placeholders. Build
+    with non-None sample values, or peewee writes NULL instead of a
+    placeholder.
+    """
+    return functools.cache(lambda: build().sql()[0])
+
+
+def next_pending_workflow() -> Workflow | None:
+    """The oldest queued workflow: the scheduler's queue head."""
+    cursor = database.execute_sql(_NEXT_PENDING(), ("pending", 1))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return Workflow(**dict(zip([column[0] for column in cursor.description], row, strict=True)))
+
+
+_NEXT_PENDING = compile_once(
+    lambda: Workflow.select().where(Workflow.status == "pending").order_by(Workflow.id).limit(1)
+)
 
 
 def is_transient(exc: BaseException) -> bool:
