@@ -64,7 +64,8 @@ def test_records_to_statuses_and_logs_end_to_end(tmp_path, jetstream, knot):
         assert proc.terminate() == 0
 
 
-def test_restart_mid_run_fails_the_workflow_once_and_loses_nothing(tmp_path, jetstream, knot):
+def start_slow_workflow(tmp_path, jetstream, knot) -> tuple[TackProcess, EventsClient, str]:
+    """A tack process running the slow dummy workflow; (process, /events client, rkey)."""
     jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("hello", knot.name)))
     proc, port = start_tack(tmp_path, jetstream)
     wait_until(lambda: knot.open_connections == 1, timeout=20)
@@ -73,6 +74,11 @@ def test_restart_mid_run_fails_the_workflow_once_and_loses_nothing(tmp_path, jet
         push_pipeline(knot.name, OWNER, "hello", [("slow.yml", "dummy", SLOW)])
     )
     wait_until(lambda: client.statuses() == ["pending", "running"], timeout=20)
+    return proc, client, rkey
+
+
+def test_restart_mid_run_fails_the_workflow_once_and_loses_nothing(tmp_path, jetstream, knot):
+    proc, _, rkey = start_slow_workflow(tmp_path, jetstream, knot)
     proc.kill()  # kill -9 while the workflow runs
 
     proc, port = start_tack(tmp_path, jetstream)
@@ -98,12 +104,7 @@ def test_restart_mid_run_fails_the_workflow_once_and_loses_nothing(tmp_path, jet
 
 
 def test_sigterm_mid_run_leaves_no_half_state(tmp_path, jetstream, knot):
-    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("hello", knot.name)))
-    proc, port = start_tack(tmp_path, jetstream)
-    wait_until(lambda: knot.open_connections == 1, timeout=20)
-    client = EventsClient(port).start()
-    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("slow.yml", "dummy", SLOW)]))
-    wait_until(lambda: client.statuses() == ["pending", "running"], timeout=20)
+    proc, client, _ = start_slow_workflow(tmp_path, jetstream, knot)
     assert proc.terminate() == 0
     wait_until(client.closed.is_set, timeout=5, what="/events closed on shutdown")
 
