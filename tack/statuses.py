@@ -52,11 +52,6 @@ _ADVANCE = {
 _INSERT_EVENT = compile_once(
     lambda: StatusEvent.insert(rkey="", created=0, workflow_id=0, status="", frame="")
 )
-# The statuses a workflow may be in for a move to each status to be allowed.
-_MAY_FOLLOW = {
-    status: [before for before in (NEW, PENDING, RUNNING) if _RANK[before] < _RANK[status]]
-    for status in _RANK
-}
 
 
 def rfc3339(ns: int) -> str:
@@ -82,7 +77,7 @@ class StatusLog:
         self.latest_id = StatusEvent.select(peewee.fn.MAX(StatusEvent.id)).scalar() or 0
         self._uncommitted: list[tuple[int, bytes]] = []
         self._nudged = False
-        # Parallel lists, ascending ids; replaced (not mutated) under _changed.
+        # Parallel lists, ascending ids, only touched under _changed.
         self._recent_ids: list[int] = []
         self._recent_frames: list[bytes] = []
 
@@ -108,12 +103,12 @@ class StatusLog:
 
     def _publish(self, events: list[tuple[int, bytes]]) -> None:
         with self._changed:
-            ids = self._recent_ids + [event_id for event_id, _ in events]
-            frames = self._recent_frames + [frame for _, frame in events]
-            if len(ids) > RECENT_EVENTS:
-                ids, frames = ids[-RECENT_EVENTS:], frames[-RECENT_EVENTS:]
-            self._recent_ids, self._recent_frames = ids, frames
-            self.latest_id = ids[-1]
+            self._recent_ids.extend(event_id for event_id, _ in events)
+            self._recent_frames.extend(frame for _, frame in events)
+            if len(self._recent_ids) > 2 * RECENT_EVENTS:  # trimmed now and then, not per commit
+                del self._recent_ids[:-RECENT_EVENTS]
+                del self._recent_frames[:-RECENT_EVENTS]
+            self.latest_id = self._recent_ids[-1]
             self._changed.notify_all()
 
     def append(
@@ -188,13 +183,14 @@ class StatusLog:
         """Encoded frames of events after ``after_id`` (at most ``limit``), and the
         id of the last one; ``(after_id, b"")`` when there is none yet."""
         with self._changed:
-            ids, frames = self._recent_ids, self._recent_frames
-        if ids and after_id >= ids[0] - 1:
-            start = bisect.bisect_right(ids, after_id)
-            end = min(start + limit, len(ids))
-            if start == end:
-                return after_id, b""
-            return ids[end - 1], b"".join(frames[start:end])
+            ids = self._recent_ids
+            if ids and after_id >= ids[0] - 1:
+                start = bisect.bisect_right(ids, after_id)
+                end = min(start + limit, len(ids))
+                if start == end:
+                    return after_id, b""
+                last, frames = ids[end - 1], self._recent_frames[start:end]
+                return last, b"".join(frames)
         query = (
             StatusEvent.select(StatusEvent.id, StatusEvent.frame)
             .where(StatusEvent.id > after_id)
