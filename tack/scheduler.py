@@ -142,7 +142,13 @@ class Scheduler:
                 workflow = Workflow.get_by_id(self._resumable.popleft())
             except IndexError:
                 return None
-            self._cancels[workflow.id] = threading.Event()
+            cancel = threading.Event()
+            if workflow.status in FINAL:
+                # Cancelled while it waited to be resumed: the backend is
+                # still handed the job, already cancelled, so it can stop
+                # the remote run; what it reports is ignored (final is final).
+                cancel.set()
+            self._cancels[workflow.id] = cancel
             return workflow, True
 
         def attempt() -> Workflow | None:
