@@ -137,7 +137,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _optional_path(raw: str) -> str | None:
+def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
 
@@ -214,7 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TACK_CONFIG",
         "config_file",
-        _optional_path,
+        _optional_text,
         "",
         "path of the TOML file configuring backends (optional)",
     ),
@@ -235,7 +235,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TACK_SECRETS_KEY",
         "secrets_key",
-        _optional_path,
+        _optional_text,
         "",
         "key(s) sealing repo secrets at rest: comma-separated Fernet keys; the first "
         "seals, all open (default: the key file below)",
@@ -243,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TACK_SECRETS_KEY_FILE",
         "secrets_key_file",
-        _optional_path,
+        _optional_text,
         "",
         "key file used when TACK_SECRETS_KEY is unset, created with mode 0600 on first "
         "start (default: secrets.key beside the database)",

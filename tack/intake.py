@@ -19,6 +19,7 @@ import peewee
 from . import logs, pipelines, retry, tid
 from .backends import Backends
 from .pipelines import PipelineRecord, Rejected
+from .records import is_rkey
 from .statuses import NEW, PENDING, StatusLog
 from .store import Directory, Pipeline, Repo, Workflow
 from .worklogs import LogBook
@@ -156,6 +157,6 @@ def _decode_frame(frame: str | bytes) -> tuple[str, str, object] | None:
     if not isinstance(event, dict):
         return None
     rkey, nsid = event.get("rkey"), event.get("nsid")
-    if not pipelines.is_rkey(rkey) or not isinstance(nsid, str) or len(nsid) > 317:
+    if not is_rkey(rkey) or not isinstance(nsid, str) or len(nsid) > 317:
         return None
     return rkey, nsid, event.get("event")

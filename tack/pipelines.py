@@ -21,7 +21,6 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 # Workflow names appear in /logs URLs and in filenames on the CI side: keep
 # them to what a workflow file name can be.
 _WORKFLOW_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-_RKEY = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
 _REPO_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
@@ -60,10 +59,6 @@ def _sha(obj: dict, key: str, where: str) -> str:
     if not _SHA.match(value):
         raise Rejected(f"{where}.{key} must be 40 lowercase hex characters")
     return value
-
-
-def is_rkey(value: Any) -> bool:
-    return isinstance(value, str) and bool(_RKEY.match(value)) and value not in (".", "..")
 
 
 def is_workflow_name(value: Any) -> bool:

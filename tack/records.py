@@ -26,6 +26,13 @@ MAX_FRAME_BYTES = 256 * 1024
 MAX_STRING = 2048
 
 _RKEY_RE = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
+
+
+def is_rkey(value: Any) -> bool:
+    """An atproto record key: tack's check for every rkey that arrives from outside."""
+    return isinstance(value, str) and bool(_RKEY_RE.match(value)) and value not in (".", "..")
+
+
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$")
 _AT_URI_RE = re.compile(r"^at://[A-Za-z0-9._:%-]+(/[A-Za-z0-9.-]+(/[A-Za-z0-9._:~-]+)?)?$")
 
@@ -109,7 +116,7 @@ def _decode_commit(commit: Any, did: str, time_us: int, hostname: str) -> Change
     ids = {"did": did, "collection": collection, "rkey": rkey}
     if collection not in COLLECTIONS:
         return Change(time_us, "ignore", did)
-    if not isinstance(rkey, str) or not _RKEY_RE.match(rkey) or rkey in (".", ".."):
+    if not is_rkey(rkey):
         raise BadRecord("rkey missing or malformed", ids, time_us)
 
     operation = commit.get("operation")

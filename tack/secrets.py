@@ -49,6 +49,15 @@ def load_keys(env_value: str | None, key_file: str) -> MultiFernet:
         ) from None
 
 
+def rotation_requested(env_value: str | None) -> bool:
+    """Several keys configured: re-seal everything with the first on start.
+
+    With one key there is nothing to do, and re-sealing anyway would rewrite
+    every secret on every start (Fernet output differs each time).
+    """
+    return bool(env_value) and len([k for k in env_value.split(",") if k.strip()]) > 1
+
+
 def _read_or_create(path: str) -> str:
     try:
         with open(path, encoding="ascii") as handle:

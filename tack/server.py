@@ -30,7 +30,8 @@ from wsproto.frame_protocol import FrameProtocol
 
 from . import __version__, logs
 from .config import is_hostname
-from .pipelines import is_rkey, is_workflow_name
+from .pipelines import is_workflow_name
+from .records import is_rkey
 from .statuses import FINAL, StatusLog
 from .store import Workflow
 from .worklogs import LogBook, read_lines

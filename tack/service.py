@@ -25,7 +25,7 @@ from .intake import Intake
 from .jetstream import Ingester
 from .knots import KnotConsumer, KnotSubscriptions
 from .scheduler import Scheduler
-from .secrets import SecretStore, load_keys
+from .secrets import SecretStore, load_keys, rotation_requested
 from .server import App, Server, encode_text_frame
 from .statuses import StatusLog
 from .store import Pipeline
@@ -62,9 +62,9 @@ class Spindle:
         self.context.callbacks = self.callbacks
         backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self.secrets = SecretStore(self.db, load_keys(config.secrets_key, config.key_file))
-        rotated = self.secrets.rotate()
-        if rotated:
-            log.info("secrets re-sealed with the current key", extra={"count": rotated})
+        if rotation_requested(config.secrets_key):
+            rotated = self.secrets.rotate()
+            log.info("secrets re-sealed with the first key", extra={"count": rotated})
         self.scheduler = Scheduler(
             self.db,
             self.statuses,

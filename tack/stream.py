@@ -207,7 +207,7 @@ class Follower:
         self.connections += 1
         started = time.monotonic()
         self._session_frames = 0
-        self._log.info("stream connected", extra={**self._ids, "url": _redact(url)})
+        self._log.info("stream connected", extra={**self._ids, "url": _short(url)})
         if self._on_connect:
             self._on_connect()
         try:
@@ -261,6 +261,6 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _redact(url: str) -> str:
-    """URLs are logged without their query beyond the cursor (no tokens leak)."""
+def _short(url: str) -> str:
+    """The URL up to the cursor: the jetstream collection list is the same every time."""
     return url.split("&wantedCollections")[0]
