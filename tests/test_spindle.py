@@ -122,6 +122,8 @@ def test_knot_reconnect_resumes_from_processed_cursor(served, knot):
 
 def test_repo_owner_who_is_not_a_member_is_rejected(served, knot, jetstream, clock, caplog):
     jetstream.add(commit(clock, ALICE, REPO, "ra", "create", repo("alices", knot.name)))
+    # The record must be applied first, or the rejection is "no repo record" instead.
+    wait_until(lambda: served.directory.repo_by_name(ALICE, "alices") is not None, what="repo")
     client = events(served)
     rkey = knot.send_pipeline(
         push_pipeline(knot.name, ALICE, "alices", [("build.yml", "dummy", BUILD)])
