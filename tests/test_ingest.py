@@ -357,15 +357,19 @@ def test_garbage_frames_do_not_stop_ingest(jetstream, make_spindle, clock, paylo
 # --- transient failures and back-pressure ------------------------------------------
 
 
-def hold_write_lock(db_path: str, seconds: float) -> threading.Thread:
-    """Another connection takes SQLite's write lock and keeps it ``seconds``."""
+def hold_write_lock(
+    db_path: str, seconds: float, release: threading.Event | None = None
+) -> threading.Thread:
+    """Another connection takes SQLite's write lock and keeps it ``seconds``,
+    or until ``release`` is set when one is given."""
     locked = threading.Event()
+    release = release or threading.Event()
 
     def hold() -> None:
         conn = sqlite3.connect(db_path, timeout=10, isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
         locked.set()
-        time.sleep(seconds)
+        release.wait(seconds)
         conn.execute("COMMIT")
         conn.close()
 
@@ -404,14 +408,16 @@ def test_full_queue_pushes_back_on_the_reader(jetstream, make_spindle, clock):
     spindle = make_spindle(SPINDLE_SERVER_QUEUE_SIZE="5")
     # Let the schema exist and the stream settle, then stall the applier.
     send_and_wait(jetstream, spindle, commit(clock, OWNER, MEMBER, "m0", "create", member(ALICE)))
-    holder = hold_write_lock(spindle.config.db_path, seconds=3.5)
+    release = threading.Event()
+    holder = hold_write_lock(spindle.config.db_path, seconds=60, release=release)
     events = [
         commit(clock, OWNER, MEMBER, f"m{i}", "create", member(f"did:plc:u{i}"))
         for i in range(1, 2001)
     ]
     received_before = spindle.ingester.reader.frames
     jetstream.add(*events)
-    time.sleep(1.0)
+    wait_until(lambda: spindle.ingester.frames.qsize() == 5, what="the queue to fill")
+    time.sleep(0.5)
     stalled_at = spindle.ingester.reader.frames - received_before
     time.sleep(1.0)
     # The queue is full and the reader is parked on it: at most the queue,
@@ -419,6 +425,7 @@ def test_full_queue_pushes_back_on_the_reader(jetstream, make_spindle, clock):
     assert spindle.ingester.frames.qsize() == 5
     assert spindle.ingester.reader.frames - received_before == stalled_at
     assert stalled_at <= 5 + min(5, BATCH_MAX) + 1
+    release.set()
     holder.join()
     caught_up(spindle, events)
     assert len(db_rows(spindle.config.db_path)["member"]) == 2001
