@@ -85,6 +85,84 @@ def test_shell_clones_at_the_trigger_sha_and_runs_steps(serve_repo, knot, tmp_pa
     assert list((tmp_path / "workspaces").iterdir()) == [], "workspace removed"
 
 
+def make_repo_with_submodule(knot) -> str:
+    """OWNER/hello on the knot: commit 1, then commit 2 (tagged ``v1``, with a
+    submodule ``lib`` pointing at OWNER/lib on the same knot), then commit 3.
+    Returns commit 2's sha, the one the pipeline names."""
+    from .standins import make_git_repo
+
+    lib_sha = make_git_repo(knot.git_root, OWNER, "lib", {"lib.txt": "from the submodule\n"})
+    work = knot.git_root / "_work" / "hello"
+    work.mkdir(parents=True)
+
+    def git(*args: str) -> str:
+        command = ["git", "-c", "user.name=T", "-c", "user.email=t@example.com", *args]
+        return subprocess.run(
+            command, cwd=work, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    (work / "README").write_text("one\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    url = f"http://{knot.name}/{OWNER}/lib"
+    (work / ".gitmodules").write_text(f'[submodule "lib"]\n\tpath = lib\n\turl = {url}\n')
+    git("update-index", "--add", "--cacheinfo", f"160000,{lib_sha},lib")
+    git("add", ".gitmodules")
+    git("commit", "-qm", "two")
+    git("tag", "v1")
+    target = git("rev-parse", "HEAD")
+    (work / "README").write_text("three\n")
+    git("commit", "-qam", "three")
+    bare = knot.git_root / OWNER / "hello"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "config", "uploadpack.allowAnySHA1InWant", "true"], cwd=bare, check=True)
+    return target
+
+
+def test_shell_clone_honours_depth_tags_and_submodules(serve_repo, knot):
+    sha = make_repo_with_submodule(knot)
+    spindle = serve_repo()
+    probe = yaml("""
+        steps:
+          - name: Probe
+            command: |
+              echo "head=$(git rev-parse HEAD)"
+              echo "commits=$(git rev-list --count HEAD)"
+              echo "tags=$(git tag | tr '\\n' ' ')"
+              if [ -e lib/lib.txt ]; then echo "lib=$(cat lib/lib.txt)"; else echo "lib=absent"; fi
+    """)
+    client = EventsClient(spindle.server.port).start()
+    record = push_pipeline(
+        knot.name, OWNER, "hello", [("deep.yml", "shell", probe), ("plain.yml", "shell", probe)]
+    )
+    record["triggerMetadata"]["push"]["newSha"] = sha
+    record["workflows"][0]["clone"] = {"skip": False, "depth": 2, "submodules": True, "tags": True}
+    # Depth 0 means the protocol's default of 1, not a full clone.
+    record["workflows"][1]["clone"] = {
+        "skip": False,
+        "depth": 0,
+        "submodules": False,
+        "tags": False,
+    }
+    rkey = knot.send_pipeline(record)
+    for name in ("deep.yml", "plain.yml"):
+        wait_until(lambda name=name: finished(client, name), timeout=60, what=name)
+        assert client.statuses(name) == ["pending", "running", "success"]
+
+    def probe_output(name: str) -> list[str]:
+        log = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/{name}")
+        return [ln["content"] for ln in log.lines if ln["kind"] == "data" and ln["step_id"] == 1]
+
+    assert probe_output("deep.yml") == [
+        f"head={sha}",
+        "commits=2",
+        "tags=v1 ",
+        "lib=from the submodule",
+    ]
+    assert probe_output("plain.yml") == [f"head={sha}", "commits=1", "tags=", "lib=absent"]
+
+
 def test_shell_streams_ordered_output_with_stream_names_and_env_precedence(serve_repo, knot):
     spindle = serve_repo()
     steps = yaml("""

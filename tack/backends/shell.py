@@ -97,10 +97,9 @@ class ShellBackend(Backend):
         clone = job.workflow.get("clone", {})
         trigger = job.pipeline["triggerMetadata"]
         target = commit_sha(job.pipeline) or f"refs/heads/{trigger['repo']['defaultBranch']}"
-        fetch = ["git", "fetch"]
-        depth = clone.get("depth", 1)
-        if depth:
-            fetch.append(f"--depth={depth}")
+        # Protocol §2: "--depth=<depth or 1>"; a zero depth is the default, not
+        # a full clone, so a workflow behaves here as on the official spindle.
+        fetch = ["git", "fetch", f"--depth={clone.get('depth') or 1}"]
         if clone.get("submodules"):
             fetch.append("--recurse-submodules=yes")
         if clone.get("tags"):
