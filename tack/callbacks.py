@@ -41,6 +41,7 @@ MAX_STATUS_BODY = 8 * 1024
 MAX_LOGS_BODY = 1024 * 1024
 MAX_LINES = 1000
 REPORTABLE = frozenset({RUNNING}) | FINAL
+LAST_SEQ = "last_seq"  # backend-state key: the highest logs ``seq`` written
 
 
 def token_hash(token: str) -> str:
@@ -48,12 +49,16 @@ def token_hash(token: str) -> str:
 
 
 class Channel:
-    """A running webhook workflow: its log, and the signal that it ended."""
+    """A running webhook workflow: its log, and the signal that it ended.
 
-    def __init__(self, workflow_log: WorkflowLog) -> None:
+    ``lock`` serialises everything that writes to the log and checkpoints it,
+    so a saved (log size, last seq) pair always describes the same moment.
+    """
+
+    def __init__(self, workflow_log: WorkflowLog, last_seq: int = -1) -> None:
         self.log = workflow_log
         self.ended = threading.Event()
-        self.last_seq = -1
+        self.last_seq = last_seq
         self.lock = threading.Lock()
 
 
@@ -67,11 +72,29 @@ class CallbackHub:
 
     # --- the backend's side ---------------------------------------------------------------
 
-    def open(self, workflow_id: int, workflow_log: WorkflowLog) -> Channel:
-        channel = Channel(workflow_log)
+    def open(self, workflow_id: int, workflow_log: WorkflowLog, last_seq: int = -1) -> Channel:
+        channel = Channel(workflow_log, last_seq)
         with self._lock:
             self._channels[workflow_id] = channel
         return channel
+
+    def checkpoint(self, workflow_id: int, channel: Channel) -> None:
+        """Save the log's size and the last accepted ``seq`` into the
+        workflow's backend state (merged: the token hash stays). After a
+        crash the log is cut back to this size, so a batch the CI retries is
+        written once: either it is past the checkpoint (cut, then accepted
+        again) or its seq is recorded (answered as a duplicate)."""
+
+        def attempt() -> None:
+            with self._db.atomic():
+                row = Workflow.get_by_id(workflow_id)
+                state = channel.log.checkpoint(json.loads(row.backend_state or "{}"))
+                state[LAST_SEQ] = channel.last_seq
+                Workflow.update(backend_state=json.dumps(state)).where(
+                    Workflow.id == workflow_id
+                ).execute()
+
+        retry.store_writes(self._stop, log, "store busy, retrying log checkpoint")(attempt)
 
     def close(self, workflow_id: int) -> None:
         with self._lock:
@@ -154,6 +177,7 @@ class CallbackHub:
                 _write_line(channel.log, line)
             if seq is not None:
                 channel.last_seq = seq
+            self.checkpoint(workflow.id, channel)
         handler.send_json(HTTPStatus.OK, {"written": len(body["lines"])})
 
 

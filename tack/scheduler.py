@@ -26,7 +26,7 @@ from .backends import Backend, Backends, Job, Outcome
 from .statuses import FINAL, RUNNING, StatusLog
 from .store import Pipeline, Workflow, next_pending_workflow
 from .workflow import WorkflowError, parse
-from .worklogs import LogBook
+from .worklogs import LOG_CHECKPOINT, LogBook
 
 log = logs.get("scheduler")
 
@@ -87,6 +87,7 @@ class Scheduler:
         for workflow in Workflow.select().where(Workflow.status == RUNNING):
             backend = self._backends.resolve(workflow.engine)
             if backend is not None and type(backend).resume is not Backend.resume:
+                self._cut_to_checkpoint(workflow)
                 log.info("resuming workflow", extra=_ids(workflow))
                 self._resumable.append(workflow.id)
                 continue
@@ -94,6 +95,20 @@ class Scheduler:
             workflow_log.error(RESTART_ERROR)
             workflow_log.close()
             self._finish(workflow, Outcome("failed", RESTART_ERROR))
+
+    def _cut_to_checkpoint(self, workflow: Workflow) -> None:
+        """Lines written after the backend last saved its state were not
+        accounted for in it, and the resumed backend writes them again: cut
+        them first. This runs before the server starts, so no /logs reader
+        has read past the cut."""
+        try:
+            size = json.loads(workflow.backend_state or "{}").get(LOG_CHECKPOINT)
+        except (ValueError, AttributeError):
+            return
+        if isinstance(size, int) and not isinstance(size, bool):
+            removed = self._logbook.cut(workflow.id, size)
+            if removed:
+                log.info("log cut back to checkpoint", extra=_ids(workflow) | {"bytes": removed})
 
     # --- cancelling -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -19,6 +20,9 @@ from pathlib import Path
 from .statuses import rfc3339
 
 SYSTEM_STEP, USER_STEP = 0, 1
+# The backend-state key holding the log's size at the moment the rest of that
+# state was saved; a resumed workflow's log is cut back to it first.
+LOG_CHECKPOINT = "log_bytes"
 MAX_CONTENT = 64 * 1024
 MASK = "***"
 
@@ -38,6 +42,23 @@ class LogBook:
     ) -> WorkflowLog:
         """Append to a workflow's log; ``fresh`` starts it over (a retried intake)."""
         return WorkflowLog(self, self.path(workflow_id), secrets, "w" if fresh else "a")
+
+    def cut(self, workflow_id: int, size: int) -> int:
+        """Cut a workflow's log back to ``size`` bytes (a backend's last log
+        checkpoint, see ``LOG_CHECKPOINT``); the number of bytes removed.
+
+        Lines written after the checkpoint are the ones the resumed backend
+        will write again, so removing them keeps the log exactly-once.
+        """
+        path = self.path(workflow_id)
+        try:
+            extra = path.stat().st_size - size
+        except FileNotFoundError:
+            return 0
+        if size < 0 or extra <= 0:
+            return 0
+        os.truncate(path, size)
+        return extra
 
     def notify(self) -> None:
         with self._changed:
@@ -73,7 +94,8 @@ class WorkflowLog:
     def __init__(self, book: LogBook, path: Path, secrets: Iterable[str], mode: str) -> None:
         self._book = book
         self._lock = threading.Lock()
-        self._file = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # Binary, so ``tell`` is the exact byte size a checkpoint records.
+        self._file = open(path, mode + "b")  # noqa: SIM115 - closed in close()
         self._secrets = secret_variants(secrets)
         self.lines = 0
 
@@ -108,6 +130,17 @@ class WorkflowLog:
         self.data(0, message, "stderr")
         self.end_step(0, step_name, SYSTEM_STEP)
 
+    @property
+    def size(self) -> int:
+        """Bytes in the log so far: what a checkpoint records."""
+        with self._lock:
+            return self._file.tell() if not self._file.closed else 0
+
+    def checkpoint(self, state: dict) -> dict:
+        """``state`` with the log's current size under ``LOG_CHECKPOINT``."""
+        state[LOG_CHECKPOINT] = self.size
+        return state
+
     def close(self) -> None:
         with self._lock:
             if not self._file.closed:
@@ -127,7 +160,7 @@ class WorkflowLog:
         return self.mask(text[:MAX_CONTENT])
 
     def _write(self, line: dict) -> None:
-        text = json.dumps(line, ensure_ascii=False) + "\n"
+        text = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         with self._lock:
             if self._file.closed:
                 return  # the workflow already ended; late output is dropped

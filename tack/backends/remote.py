@@ -5,9 +5,10 @@ things: ``trigger`` a run, take a ``snapshot`` of it (state and the remote
 jobs or steps, which become log steps), fetch a unit's ``log_lines`` from an
 offset, and ``cancel_remote``. This module turns those into a tack run:
 
-- the remote run's ids are saved with the workflow at once, with how far each
-  unit's log was copied, so a restarted tack resumes watching the same run
-  and copies no line twice;
+- the remote run's ids are saved with the workflow at once, then how far
+  each unit's log was copied together with the log's size at that moment, so
+  a restarted tack resumes watching the same run, cuts its log back to that
+  size and copies each line exactly once;
 - the first log line links to the remote run;
 - HTTP goes through ``RemoteHttp``: timeouts, retries with backoff on
   connection errors, 5xx and 429 (honouring ``Retry-After``), and a clear
@@ -247,10 +248,10 @@ class RemoteCI(Backend):
             workflow_log.data(0, str(exc), "stderr")
             workflow_log.end_step(0, f"Trigger {self.name}", SYSTEM_STEP)
             return Outcome("failed", f"{self.name}: {exc}")
-        state = {"run": run, "deadline": time.time() + self.timeout, "logs": {}}
-        job.save_state(state)
         workflow_log.data(0, f"{self.type_name} run: {run.get('web_url', '(no link)')}")
         workflow_log.end_step(0, f"Trigger {self.name}", SYSTEM_STEP)
+        state = {"run": run, "deadline": time.time() + self.timeout, "logs": {}}
+        job.save_state(workflow_log.checkpoint(state))
         return self._watch(job, workflow_log, state)
 
     def resume(self, job: Job, workflow_log: WorkflowLog) -> Outcome | None:
@@ -271,7 +272,10 @@ class RemoteCI(Backend):
             try:
                 snapshot = self.snapshot(job, run)
                 if self._copy_logs(job, workflow_log, state, snapshot):
-                    job.save_state(state)
+                    # Offsets and the log size saved together: after a crash
+                    # the log is cut back to this size and copying goes on from
+                    # these offsets, so each remote line lands exactly once.
+                    job.save_state(workflow_log.checkpoint(state))
             except RemoteError as exc:
                 workflow_log.error(str(exc), f"{self.name} API")
                 return Outcome("failed", f"{self.name}: {exc}")

@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from .. import logs
-from ..callbacks import PREFIX, Channel, token_hash
+from ..callbacks import LAST_SEQ, PREFIX, Channel, token_hash
 from ..store import Workflow
 from ..worklogs import SYSTEM_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome
@@ -84,7 +84,11 @@ class WebhookBackend(Backend):
                 return Outcome("failed", f"webhook delivery failed: {exc}")
             finally:
                 log_.end_step(0, f"Dispatch to {self.name}", SYSTEM_STEP)
-            log_.data(0, f"delivered to {self.url} (HTTP {status}); waiting for the CI to report")
+            with channel.lock:
+                log_.data(
+                    0, f"delivered to {self.url} (HTTP {status}); waiting for the CI to report"
+                )
+                hub.checkpoint(job.workflow_id, channel)
             return self._await(job, channel, deadline)
         finally:
             hub.close(job.workflow_id)
@@ -93,7 +97,7 @@ class WebhookBackend(Backend):
         if "token_sha256" not in job.state:
             return None  # tack stopped before the webhook went out
         hub = self.context.callbacks
-        channel = hub.open(job.workflow_id, log_)
+        channel = hub.open(job.workflow_id, log_, int(job.state.get(LAST_SEQ, -1)))
         try:
             return self._await(job, channel, float(job.state.get("deadline", 0)))
         finally:
