@@ -7,17 +7,24 @@ token must be addressed to this spindle (``aud``), must expire (``exp``),
 must name this method when it names one (``lxm``), and must come from a
 ``did:plc`` or ``did:web`` identity (a ``did:key`` would vouch for itself).
 
-DID documents are cached; on a signature failure the document is fetched
-once more (the key may have rotated). Resolution has a timeout, and any
-failure to resolve is a 401 with the reason, never a hang. Outside dev mode
-did:web names get the same vetting as knot names (no IP literals or local
-names), so a token cannot make tack fetch from inside the network.
+DID documents are cached (at most ``CACHE_ENTRIES``, oldest out first); on a
+signature failure the document is fetched once more (the key may have
+rotated). Resolution has a timeout, and any failure to resolve is a 401 with
+the reason, never a hang. Outside dev mode did:web hosts get the same vetting
+as knots: the name (no IP literals or local names), then the address it
+resolves to (public only), and the document is fetched from that very address,
+so a token cannot make tack fetch from inside the network.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
+import threading
 import time
-from urllib.parse import unquote
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from atproto_identity.cache.in_memory_cache import DidInMemoryCache
 from atproto_identity.did.resolver import DidResolver
@@ -26,13 +33,15 @@ from atproto_identity.exceptions import DidWebResolverError
 from atproto_server.auth import jwt as atproto_jwt
 
 from . import logs
-from .knots import KnotRefused, vet_knot
+from .knots import KnotRefused, open_vetted_socket, vet_knot
 
 log = logs.get("auth")
 
 RESOLVE_TIMEOUT = 5.0
 CACHE_SECONDS = 3600
+CACHE_ENTRIES = 10_000
 MAX_TOKEN = 8192
+MAX_DID_DOCUMENT = 64 * 1024
 
 
 class AuthError(Exception):
@@ -58,19 +67,89 @@ class _WebResolver(DidWebResolver):
         scheme = "http" if self._dev else "https"
         return f"{scheme}://{host}/.well-known/did.json"
 
+    def resolve_without_validation(self, did: str) -> dict[str, Any]:
+        url = self._parse_web_did(did)
+        try:
+            return fetch_did_document(url, self._dev, self._timeout or RESOLVE_TIMEOUT)
+        except KnotRefused as exc:
+            raise DidWebResolverError(f"refused did:web host: {exc}") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise DidWebResolverError(f"cannot fetch {url}: {exc}") from None
+
+
+def fetch_did_document(url: str, dev: bool, timeout: float) -> dict[str, Any]:
+    """GET a did.json over a socket connected to the vetted address; no
+    redirects (a redirect could point anywhere), and a size cap."""
+    parts = urlsplit(url)
+    # TLS, when https, is already done on the socket, for this very host name.
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    connection.sock = open_vetted_socket(url, dev, timeout)
+    try:
+        connection.request("GET", parts.path, headers={"Accept": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}")
+        body = response.read(MAX_DID_DOCUMENT + 1)
+    finally:
+        connection.close()
+    if len(body) > MAX_DID_DOCUMENT:
+        raise ValueError(f"document larger than {MAX_DID_DOCUMENT} bytes")
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("document is not a JSON object")
+    return document
+
+
+class _BoundedCache(DidInMemoryCache):
+    """The library's cache with a size cap: anyone can mint DIDs, and only
+    the ones that resolved are cached, but the server must not grow without
+    bound either way. Least recently stored goes first."""
+
+    def __init__(self, max_entries: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cache: OrderedDict = OrderedDict()
+        self._max_entries = max_entries
+        self._guard = threading.Lock()
+
+    def set(self, did: str, document: Any) -> None:
+        with self._guard:
+            super().set(did, document)
+            self._cache.move_to_end(did)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+
+    def delete(self, did: str) -> None:
+        with self._guard:
+            self._cache.pop(did, None)
+
+    @property
+    def entries(self) -> int:
+        # Not __len__: the library tests the cache for truth ("if cache:").
+        return len(self._cache)
+
 
 class _Resolver(DidResolver):
-    def __init__(self, plc_url: str, timeout: float, dev: bool) -> None:
-        super().__init__(plc_url, timeout, DidInMemoryCache(max_ttl=CACHE_SECONDS))
+    def __init__(self, plc_url: str, timeout: float, dev: bool, cache_entries: int) -> None:
+        self.cache = _BoundedCache(cache_entries, max_ttl=CACHE_SECONDS)
+        super().__init__(plc_url, timeout, self.cache)
         self._methods["web"] = _WebResolver(timeout, dev)
 
 
 class ServiceAuth:
     def __init__(
-        self, service_did: str, plc_url: str, dev: bool, timeout: float = RESOLVE_TIMEOUT
+        self,
+        service_did: str,
+        plc_url: str,
+        dev: bool,
+        timeout: float = RESOLVE_TIMEOUT,
+        cache_entries: int = CACHE_ENTRIES,
     ) -> None:
         self.service_did = service_did
-        self._resolver = _Resolver(plc_url, timeout, dev)
+        self._resolver = _Resolver(plc_url, timeout, dev, cache_entries)
+
+    @property
+    def cached_identities(self) -> int:
+        return self._resolver.cache.entries
 
     def caller(self, authorization: str | None, method: str) -> str:
         """The DID that signed the request's token for ``method``; raises AuthError."""

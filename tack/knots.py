@@ -85,14 +85,15 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def open_vetted_socket(url: str, dev: bool) -> socket.socket:
-    """Resolve, refuse non-public addresses (outside dev), connect, and do TLS.
+def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.socket:
+    """Resolve, refuse non-public addresses (outside dev), connect, and do TLS
+    (for ``wss://`` and ``https://``). Knot streams and did:web fetches use it.
 
     Connecting to the very address that was checked closes the gap a second
     DNS lookup (rebinding) would open.
     """
     parts = urlsplit(url)
-    host, secure = parts.hostname or "", parts.scheme == "wss"
+    host, secure = parts.hostname or "", parts.scheme in ("wss", "https")
     port = parts.port or (443 if secure else 80)
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = [info for info in infos if dev or ipaddress.ip_address(info[4][0]).is_global]
@@ -100,7 +101,7 @@ def open_vetted_socket(url: str, dev: bool) -> socket.socket:
         raise KnotRefused(f"{host} resolves only to non-public addresses")
     family, kind, proto, _, address = addresses[0]
     sock = socket.socket(family, kind, proto)
-    sock.settimeout(10)
+    sock.settimeout(timeout)
     try:
         sock.connect(address)
         if secure:

@@ -91,12 +91,19 @@ class DocumentHost:
     def __init__(self) -> None:
         self.documents: dict[str, dict] = {}
         self.web_document: dict | None = None
+        self.web_redirect: str | None = None
         self.requests = 0
         host = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 host.requests += 1
+                if self.path == "/.well-known/did.json" and host.web_redirect:
+                    self.send_response(302)
+                    self.send_header("Location", host.web_redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/.well-known/did.json":
                     doc = host.web_document
                 else:
@@ -368,3 +375,40 @@ def test_secrets_survive_a_key_rotation(tmp_path):
     sealed = sqlite3.connect(tmp_path / "s.db").execute("SELECT value FROM secret").fetchone()[0]
     assert b"value-1" not in sealed
     db.close()
+
+
+def test_did_web_fetch_refuses_private_addresses_redirects_and_oversized_documents(plc):
+    from tack.auth import MAX_DID_DOCUMENT, fetch_did_document
+    from tack.knots import KnotRefused
+
+    # The name check runs before this (see the did:web cases above); this is
+    # the address check behind it: localhost resolves to loopback, refused
+    # outside dev mode before any connection is made.
+    with pytest.raises(KnotRefused, match="non-public"):
+        fetch_did_document("https://localhost:1/.well-known/did.json", dev=False, timeout=2)
+    url = f"{plc.url}/.well-known/did.json"
+    identity = Identity(f"did:web:127.0.0.1%3A{plc.port}")
+    plc.web_document = identity.document()
+    assert fetch_did_document(url, dev=True, timeout=2)["id"] == identity.did
+    plc.web_redirect = "http://10.0.0.1/.well-known/did.json"
+    with pytest.raises(ValueError, match="HTTP 302"):
+        fetch_did_document(url, dev=True, timeout=2)
+    plc.web_redirect = None
+    plc.web_document = {"id": identity.did, "padding": "x" * MAX_DID_DOCUMENT}
+    with pytest.raises(ValueError, match="larger than"):
+        fetch_did_document(url, dev=True, timeout=2)
+
+
+def test_the_did_cache_is_bounded(plc):
+    from tack.auth import ServiceAuth
+
+    auth = ServiceAuth(SPINDLE_DID, plc.url, dev=True, cache_entries=2)
+    people = [plc.register(Identity(f"did:plc:person{i}")) for i in range(3)]
+    for person in people:
+        assert auth.caller(f"Bearer {person.token(LIST)}", LIST) == person.did
+    assert auth.cached_identities == 2
+    before = plc.requests
+    assert auth.caller(f"Bearer {people[2].token(LIST)}", LIST) == people[2].did
+    assert plc.requests == before, "the newest stayed cached"
+    assert auth.caller(f"Bearer {people[0].token(LIST)}", LIST) == people[0].did
+    assert plc.requests == before + 1, "the oldest was evicted and fetched again"
