@@ -166,7 +166,14 @@ class CallbackHub:
             _error(handler, HTTPStatus.CONFLICT, "InvalidTransition", "workflow is final")
             return
         if channel is None:
-            _error(handler, HTTPStatus.CONFLICT, "NotRunning", "workflow is not running")
+            # Not final, but no backend is attached: tack is restarting, or a
+            # worker has yet to take the workflow up again. Transient; a CI
+            # that retries gets its lines in once the worker is back.
+            handler.send_json(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "NotReady", "message": "workflow is being resumed; retry shortly"},
+                {"Retry-After": "1"},
+            )
             return
         with channel.lock:
             seq = body.get("seq")

@@ -331,15 +331,19 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- helpers for routes ---------------------------------------------------------
 
-    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+    def send_body(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
-    def send_json(self, status: int, payload: Any) -> None:
-        self.send_body(status, json.dumps(payload).encode(), "application/json")
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self.send_body(status, json.dumps(payload).encode(), "application/json", headers)
 
     def read_json(self, limit: int = MAX_BODY) -> Any:
         """The request body as JSON, or None after answering 4xx."""

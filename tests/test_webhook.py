@@ -86,7 +86,7 @@ def webhook_tack(serve_repo, monkeypatch, tmp_path):
     monkeypatch.setenv("TACK_TEST_WEBHOOK_SECRET", SECRET)
     receivers = []
 
-    def start(receiver: CIReceiver, timeout: int = 60, attempts: int = 5):
+    def start(receiver: CIReceiver, timeout: int = 60, attempts: int = 5, **env: str):
         receivers.append(receiver)
         port = free_port()
         config = f"""
@@ -99,7 +99,7 @@ attempts = {attempts}
 retry_initial = 0.05
 callback_url = "http://127.0.0.1:{port}"
 """
-        return serve_repo(config, SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}")
+        return serve_repo(config, SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}", **env)
 
     yield start
     for receiver in receivers:
@@ -255,10 +255,14 @@ def test_restarted_tack_resumes_waiting_for_the_ci(webhook_tack, knot, make_spin
         TACK_CONFIG=spindle.config.config_file,
     )
     # The CI retries the batch it already sent: the seq survived the restart.
-    assert post(logs_url, {"seq": 0, "lines": [{"content": "before"}]}, token)[1] == {
-        "written": 0,
-        "duplicate": True,
-    }
+    # Until a worker has taken the workflow up again, the answer is 503.
+    answer = wait_until(
+        lambda: (
+            (reply := post(logs_url, {"seq": 0, "lines": [{"content": "before"}]}, token))[0] != 503
+            and reply
+        )
+    )
+    assert answer == (200, {"written": 0, "duplicate": True})
     assert post(logs_url, {"seq": 1, "lines": [{"content": "after"}]}, token)[0] == 200
     assert post(callback["status_url"], {"status": "success"}, token)[0] == 200
     after = EventsClient(again.server.port).start()
@@ -268,3 +272,57 @@ def test_restarted_tack_resumes_waiting_for_the_ci(webhook_tack, knot, make_spin
     contents = [line["content"] for line in log.lines if line["kind"] == "data"]
     assert contents[-2:] == ["before", "after"]
     assert "orphan" not in contents and contents[0].startswith("delivered to ")
+
+
+def logs_reply(callback: dict) -> tuple[int, str | None]:
+    """POST one log batch (seq 0); the status code and any Retry-After."""
+    request = urllib.request.Request(
+        callback["logs_url"],
+        data=json.dumps({"seq": 0, "lines": [{"content": "hi"}]}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {callback['token']}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Retry-After")
+
+
+def test_logs_for_a_workflow_not_yet_resumed_answer_503_then_land(webhook_tack, knot, make_spindle):
+    receiver = CIReceiver()
+    spindle = webhook_tack(receiver)
+    client = EventsClient(spindle.server.port).start()
+    knot.send_pipeline(
+        push_pipeline(knot.name, OWNER, "hello", [(n, "ci", "steps: []") for n in ("a", "b")])
+    )
+    wait_until(lambda: len(receiver.deliveries) == 2 and len(client.statuses()) == 4)
+    port = spindle.server.port
+    spindle.stop()
+    # One worker after the restart: it resumes one workflow and the other
+    # waits for it, with no backend attached.
+    again = make_spindle(
+        real_knots=True,
+        SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}",
+        TACK_CONFIG=spindle.config.config_file,
+        SPINDLE_SERVER_MAX_JOB_COUNT="1",
+    )
+    callbacks = {d["workflow_id"]: d["callback"] for d in receiver.deliveries}
+    replies: dict[int, tuple[int, str | None]] = {}
+
+    def one_attached() -> bool:
+        for workflow_id, callback in callbacks.items():
+            replies[workflow_id] = logs_reply(callback)
+        return any(code == 200 for code, _ in replies.values())
+
+    wait_until(one_attached, what="the worker to take up one workflow")
+    waiting = next(wid for wid, reply in replies.items() if reply[0] != 200)
+    assert replies[waiting] == (503, "1")
+    assert sorted(code for code, _ in replies.values()) == [200, 503]
+    first, second = callbacks[next(w for w in callbacks if w != waiting)], callbacks[waiting]
+    # The first ends; the worker takes up the second, and its lines land.
+    assert post(first["status_url"], {"status": "success"}, first["token"])[0] == 200
+    wait_until(lambda: logs_reply(second)[0] == 200, what="the second taken up")
+    assert post(second["status_url"], {"status": "success"}, second["token"])[0] == 200
+    after = EventsClient(again.server.port).start()
+    wait_until(lambda: after.statuses("a")[-1:] == ["success"] == after.statuses("b")[-1:])
