@@ -34,31 +34,55 @@ HEALTHY_AFTER = 30.0
 # No peer may make us buffer more than this for one message: websocket-client
 # itself would read any announced length into memory.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+READ_CHUNK = 64 * 1024
 
 
 class _BoundedFrameBuffer(frame_buffer):
-    """Reads an over-long frame's payload in chunks and drops it.
+    """websocket-client's frame reader, with its own receive buffer.
 
-    Closing the connection instead would not help: the peer replays the
-    same frame after every reconnect, and the stream would never pass it.
-    Progress is kept across recv timeouts (websocket-client resumes a frame).
+    Two changes to the library's: the socket is read in large chunks (the
+    library asks for exactly the bytes it misses, three system calls for
+    every small frame, which caps ingest), and an over-long frame's payload
+    is read in chunks and dropped. Closing the connection on such a frame
+    would not help: the peer replays it after every reconnect, and the stream
+    would never pass it. Progress survives recv timeouts: the library resumes
+    a half-read frame, and the buffer and discard count persist.
     """
 
     def __init__(self, *args: Any, on_oversized: Callable[[int], None]) -> None:
         super().__init__(*args)
         self._on_oversized = on_oversized
         self._discarding = 0
+        self._buffer = bytearray()
+        self._pos = 0  # bytes of _buffer already handed out
 
     def recv_strict(self, bufsize: int) -> bytes:
-        if bufsize <= MAX_MESSAGE_BYTES and not self._discarding:
-            return super().recv_strict(bufsize)
+        if bufsize > MAX_MESSAGE_BYTES or self._discarding:
+            self._discard(bufsize)
+            return b""
+        while len(self._buffer) - self._pos < bufsize:
+            self._fill()
+        start = self._pos
+        self._pos += bufsize
+        return bytes(self._buffer[start : self._pos])
+
+    def _fill(self) -> None:
+        chunk = self.recv(READ_CHUNK)  # raises when the peer closed
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
+        self._buffer += chunk
+
+    def _discard(self, bufsize: int) -> None:
         if not self._discarding:
             self._discarding = bufsize
         while self._discarding:
-            chunk = super().recv_strict(min(self._discarding, 65536))
-            self._discarding -= len(chunk)
+            if self._pos == len(self._buffer):
+                self._fill()
+            taken = min(self._discarding, len(self._buffer) - self._pos)
+            self._pos += taken
+            self._discarding -= taken
         self._on_oversized(bufsize)
-        return b""
 
 
 class _BoundedMessages(continuous_frame):
