@@ -99,17 +99,25 @@ def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.soc
     addresses = [info for info in infos if dev or ipaddress.ip_address(info[4][0]).is_global]
     if not addresses:
         raise KnotRefused(f"{host} resolves only to non-public addresses")
-    family, kind, proto, _, address = addresses[0]
-    sock = socket.socket(family, kind, proto)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-        if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:  # as create_connection: each in turn
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        try:
+            if secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert error is not None
+    raise error
 
 
 class _KnotStream:
