@@ -4,10 +4,11 @@ A threaded HTTP server (a thread per connection, blocking I/O). Websocket
 upgrades are handed to wsproto's protocol layer, so tack never frames bytes
 itself, and plain requests (XRPC, CI callbacks) share the port.
 
-A subscriber costs a thread and nothing else: it pulls frames from the store
-at its own pace, so the runner and other subscribers never wait on it. A
-subscriber that stops reading fills its socket buffer; the send then times
-out and the subscriber is dropped.
+An /events subscriber's thread only reads (pings, close); one broadcaster
+thread writes every subscriber's events without blocking, so the runner and
+the other subscribers never wait on a slow one. A subscriber whose socket
+takes nothing for SEND_TIMEOUT is dropped. A /logs follower's thread reads
+its log file and writes to its own socket.
 """
 
 from __future__ import annotations
@@ -506,6 +507,7 @@ class App:
     def _follow_log(self, ws: ServerWebSocket, workflow_id: int) -> None:
         path = self.logbook.path(workflow_id)
         offset = 0
+        statuses_seen = -1
         try:
             while not self.stop.is_set():
                 ws.poll()
@@ -514,14 +516,18 @@ class App:
                 if lines:
                     ws.send_encoded(encode_text_frames(lines))
                     continue
-                if Workflow.get_by_id(workflow_id).status in FINAL:
-                    # Lines are written before the final status commits, so
-                    # one more read after seeing it finds everything.
-                    lines, offset = read_lines(path, offset)
-                    if lines:
-                        ws.send_encoded(encode_text_frames(lines))
-                    ws.close(1000, "workflow finished")
-                    return
+                # Any workflow's log line wakes every follower; the store is
+                # asked about this one's status only when some status moved.
+                if statuses_seen != self.statuses.latest_id:
+                    statuses_seen = self.statuses.latest_id
+                    if Workflow.get_by_id(workflow_id).status in FINAL:
+                        # Lines are written before the final status commits, so
+                        # one more read after seeing it finds everything.
+                        lines, offset = read_lines(path, offset)
+                        if lines:
+                            ws.send_encoded(encode_text_frames(lines))
+                        ws.close(1000, "workflow finished")
+                        return
                 ws.ping_if_due()
                 self.logbook.wait(version, 1.0)
             ws.close(1001, "spindle shutting down")
