@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import threading
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-import peewee
-
 from . import logs, retry
 from .statuses import FINAL, RUNNING, StatusLog
-from .store import Workflow
+from .store import Workflow, merge_backend_state
 from .worklogs import MAX_CONTENT, USER_STEP, WorkflowLog
 
 if TYPE_CHECKING:
@@ -63,8 +60,7 @@ class Channel:
 
 
 class CallbackHub:
-    def __init__(self, db: peewee.Database, statuses: StatusLog, stop: threading.Event) -> None:
-        self._db = db
+    def __init__(self, statuses: StatusLog, stop: threading.Event) -> None:
         self._statuses = statuses
         self._stop = stop
         self._channels: dict[int, Channel] = {}
@@ -85,16 +81,10 @@ class CallbackHub:
         written once: either it is past the checkpoint (cut, then accepted
         again) or its seq is recorded (answered as a duplicate)."""
 
-        def attempt() -> None:
-            with self._db.atomic():
-                row = Workflow.get_by_id(workflow_id)
-                state = channel.log.checkpoint(json.loads(row.backend_state or "{}"))
-                state[LAST_SEQ] = channel.last_seq
-                Workflow.update(backend_state=json.dumps(state)).where(
-                    Workflow.id == workflow_id
-                ).execute()
-
-        retry.store_writes(self._stop, log, "store busy, retrying log checkpoint")(attempt)
+        changes = channel.log.checkpoint({LAST_SEQ: channel.last_seq})
+        retry.store_writes(self._stop, log, "store busy, retrying log checkpoint")(
+            merge_backend_state, workflow_id, changes
+        )
 
     def close(self, workflow_id: int) -> None:
         with self._lock:
@@ -193,10 +183,7 @@ def _token_matches(handler: Handler, workflow: Workflow) -> bool:
     scheme, _, token = header.partition(" ")
     if scheme != "Bearer" or not token:
         return False
-    try:
-        expected = json.loads(workflow.backend_state or "{}").get("token_sha256", "")
-    except ValueError:
-        return False
+    expected = workflow.state.get("token_sha256", "")
     return bool(expected) and hmac.compare_digest(token_hash(token.strip()), expected)
 
 

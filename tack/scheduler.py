@@ -24,7 +24,7 @@ import peewee
 from . import logs, pipelines, retry
 from .backends import Backend, Backends, Job, Outcome
 from .statuses import FINAL, RUNNING, StatusLog
-from .store import Pipeline, Workflow, next_pending_workflow
+from .store import Pipeline, Workflow, merge_backend_state, next_pending_workflow
 from .workflow import WorkflowError, parse
 from .worklogs import LOG_CHECKPOINT, LogBook
 
@@ -101,11 +101,8 @@ class Scheduler:
         accounted for in it, and the resumed backend writes them again: cut
         them first. This runs before the server starts, so no /logs reader
         has read past the cut."""
-        try:
-            size = json.loads(workflow.backend_state or "{}").get(LOG_CHECKPOINT)
-        except (ValueError, AttributeError):
-            return
-        if isinstance(size, int) and not isinstance(size, bool):
+        size = workflow.state.get(LOG_CHECKPOINT)
+        if isinstance(size, int):
             removed = self._logbook.cut(workflow.id, size)
             if removed:
                 log.info("log cut back to checkpoint", extra=_ids(workflow) | {"bytes": removed})
@@ -223,12 +220,7 @@ class Scheduler:
         uri = pipeline.at_uri
 
         def save_state(state: dict) -> None:
-            text = json.dumps(state)
-            self._with_retry(
-                lambda: (
-                    Workflow.update(backend_state=text).where(Workflow.id == workflow.id).execute()
-                )
-            )
+            self._with_retry(lambda: merge_backend_state(workflow.id, state))
 
         return Job(
             workflow_id=workflow.id,
@@ -244,7 +236,7 @@ class Scheduler:
             secrets=secrets,
             cancel=cancel,
             stopping=self._stopping,
-            state=json.loads(workflow.backend_state or "{}"),
+            state=workflow.state,
             save_state=save_state,
         )
 

@@ -58,7 +58,7 @@ class Spindle:
         self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
         self.backends = backends
-        self.callbacks = CallbackHub(self.db, self.statuses, self.stop_event)
+        self.callbacks = CallbackHub(self.statuses, self.stop_event)
         self.context.callbacks = self.callbacks
         backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self.secrets = SecretStore(self.db, load_keys(config.secrets_key, config.key_file))

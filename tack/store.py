@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import sqlite3
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import peewee
 from peewee import (
@@ -137,6 +139,11 @@ class Workflow(BaseModel):
     backend_state = TextField(null=True)  # JSON a backend keeps to resume (remote run id)
     created_at = BigIntegerField()
     updated_at = BigIntegerField()
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The backend state as saved; empty when there is none."""
+        return json.loads(self.backend_state or "{}")
 
 
 class StatusEvent(BaseModel):
@@ -280,6 +287,18 @@ def next_pending_workflow() -> Workflow | None:
 _NEXT_PENDING = compile_once(
     lambda: Workflow.select().where(Workflow.status == "pending").order_by(Workflow.id).limit(1)
 )
+
+
+def merge_backend_state(workflow_id: int, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into a workflow's saved backend state, in one transaction.
+
+    The backend and the CI callback API save state from different threads;
+    merging keeps each one's keys (the token hash, the last log seq) whoever
+    writes last.
+    """
+    with database.atomic():
+        state = Workflow.get_by_id(workflow_id).state | changes
+        Workflow.update(backend_state=json.dumps(state)).where(Workflow.id == workflow_id).execute()
 
 
 def is_transient(exc: BaseException) -> bool:
