@@ -150,15 +150,13 @@ class _KnotStream:
 
     def _url(self) -> str:
         if self._cursor_ns is None:
-            saved = self._consumer.read_cursor(self._cursor_name)
-            if saved is None:
+            self._cursor_ns = self._consumer.read_cursor(self._cursor_name)
+            if self._cursor_ns is None:
                 # A knot new to us: from now (the knot would otherwise replay
                 # its whole history), kept so a restart resumes from here.
-                saved = time.time_ns()
-                self._cursor_ns = saved
+                self._cursor_ns = time.time_ns()
                 self._dirty = True
                 self._save_cursor()
-            self._cursor_ns = saved
         scheme = "ws" if self._consumer.dev else "wss"
         return f"{scheme}://{self.knot}/events?cursor={max(self._cursor_ns - REWIND_NS, 0)}"
 

@@ -12,8 +12,9 @@ through ``WorkflowLog`` and returns an ``Outcome``:
   ``job.stopping`` is set too, tack is shutting down: a backend driving an
   outside CI returns without cancelling the remote run.
 - ``job.save_state(dict)`` persists what the backend needs to find its run
-  again (a remote build id); after a restart ``resume(job, log)`` gets the
-  same job with ``job.state`` filled in, and returns None if it cannot resume.
+  again (a remote build id), merged key by key into what was saved before;
+  after a restart ``resume(job, log)`` gets the same job with ``job.state``
+  filled in, and returns None if it cannot resume.
   Saving ``log.checkpoint(state)`` also records the log's size: before a
   resume the log is cut back to it, so lines the backend wrote after its last
   save, which it will write again from the saved state, appear once.
