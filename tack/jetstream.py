@@ -243,9 +243,13 @@ class Ingester:
         for thread in self._threads:
             thread.start()
 
-    def stop(self, timeout: float = 8.0) -> None:
+    def request_stop(self) -> None:
+        """Stop reading now; the applier drains what was received (see ``stop``)."""
         self.stop_event.set()
         self.reader.close()
+
+    def stop(self, timeout: float = 8.0) -> None:
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0.1))

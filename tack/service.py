@@ -145,8 +145,8 @@ class Spindle:
         log.info("tack stopping")
         deadline = time.monotonic() + STOP_DEADLINE
         self.stop_event.set()
-        self.ingester.stop_event.set()
-        self.ingester.reader.close()
+        # Stop taking in new records first; the applier drains meanwhile.
+        self.ingester.request_stop()
         if isinstance(self.knots, KnotConsumer):
             self.knots.stop(timeout=_left(deadline))
         self.scheduler.stop(timeout=_left(deadline))
