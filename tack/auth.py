@@ -19,12 +19,11 @@ so a token cannot make tack fetch from inside the network.
 from __future__ import annotations
 
 import http.client
-import json
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from atproto_identity.cache.in_memory_cache import DidInMemoryCache
 from atproto_identity.did.resolver import DidResolver
@@ -33,7 +32,7 @@ from atproto_identity.exceptions import DidWebResolverError
 from atproto_server.auth import jwt as atproto_jwt
 
 from . import logs
-from .knots import KnotRefused, open_vetted_socket, vet_knot
+from .net import HostRefused, vet_host, vetted_get_json
 
 log = logs.get("auth")
 
@@ -42,6 +41,10 @@ CACHE_SECONDS = 3600
 CACHE_ENTRIES = 10_000
 MAX_TOKEN = 8192
 MAX_DID_DOCUMENT = 64 * 1024
+# Clock differences between the token's minter and us that are forgiven on
+# ``iat`` and ``exp``, as the reference validator allows.
+CLOCK_LEEWAY = 5
+SERVICE_FRAGMENT = "#tangled_spindle"
 
 
 class AuthError(Exception):
@@ -61,8 +64,8 @@ class _WebResolver(DidWebResolver):
             raise DidWebResolverError(f"unsupported did:web {did}")
         host = unquote(parts[0]).lower()
         try:
-            vet_knot(host, self._dev)
-        except KnotRefused as exc:
+            vet_host(host, self._dev)
+        except HostRefused as exc:
             raise DidWebResolverError(f"refused did:web host: {exc}") from None
         scheme = "http" if self._dev else "https"
         return f"{scheme}://{host}/.well-known/did.json"
@@ -71,33 +74,16 @@ class _WebResolver(DidWebResolver):
         url = self._parse_web_did(did)
         try:
             return fetch_did_document(url, self._dev, self._timeout or RESOLVE_TIMEOUT)
-        except KnotRefused as exc:
+        except HostRefused as exc:
             raise DidWebResolverError(f"refused did:web host: {exc}") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise DidWebResolverError(f"cannot fetch {url}: {exc}") from None
 
 
 def fetch_did_document(url: str, dev: bool, timeout: float) -> dict[str, Any]:
-    """GET a did.json over a socket connected to the vetted address; no
-    redirects (a redirect could point anywhere), and a size cap."""
-    parts = urlsplit(url)
-    # TLS, when https, is already done on the socket, for this very host name.
-    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-    connection.sock = open_vetted_socket(url, dev, timeout)
-    try:
-        connection.request("GET", parts.path, headers={"Accept": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise ValueError(f"HTTP {response.status}")
-        body = response.read(MAX_DID_DOCUMENT + 1)
-    finally:
-        connection.close()
-    if len(body) > MAX_DID_DOCUMENT:
-        raise ValueError(f"document larger than {MAX_DID_DOCUMENT} bytes")
-    document = json.loads(body)
-    if not isinstance(document, dict):
-        raise ValueError("document is not a JSON object")
-    return document
+    """GET a did.json from the vetted address: no redirects, a size cap, and
+    one deadline for the whole exchange."""
+    return vetted_get_json(url, dev, timeout, MAX_DID_DOCUMENT)
 
 
 class _BoundedCache(DidInMemoryCache):
@@ -151,19 +137,24 @@ class ServiceAuth:
     def cached_identities(self) -> int:
         return self._resolver.cache.entries
 
-    def caller(self, authorization: str | None, method: str) -> str:
-        """The DID that signed the request's token for ``method``; raises AuthError."""
+    def caller(self, authorization: str | None, method: str, require_lxm: bool = False) -> str:
+        """The DID that signed the request's token for ``method``; raises AuthError.
+
+        ``require_lxm``: the token must name exactly this method (the
+        ``sh.tangled.ci`` procedures, as the official validator requires).
+        """
         token = _bearer(authorization)
         try:
-            payload = atproto_jwt.verify_jwt(token, self._signing_key, own_did=self.service_did)
+            # The audience is checked before any DID is resolved: a token for
+            # another service costs no network round trip.
+            claimed = atproto_jwt.decode_jwt_payload(atproto_jwt.parse_jwt(token)[0])
+            if claimed.aud not in self.audiences:
+                raise AuthError(f"token is not for this spindle (aud must be {self.service_did})")
+            payload = atproto_jwt.verify_jwt(token, self._signing_key, leeway=CLOCK_LEEWAY)
         except AuthError:
             raise
         except atproto_jwt.TokenExpiredSignatureError:
             raise AuthError("token expired") from None
-        except atproto_jwt.TokenInvalidAudienceError:
-            raise AuthError(
-                f"token is not for this spindle (aud must be {self.service_did})"
-            ) from None
         except atproto_jwt.TokenInvalidSignatureError:
             raise AuthError("bad token signature") from None
         except (
@@ -175,12 +166,30 @@ class ServiceAuth:
         except Exception as exc:  # the library's other refusals (unsupported alg, key format…)
             log.info("token refused", extra={"reason": f"{type(exc).__name__}: {exc}"[:300]})
             raise AuthError("token could not be verified") from None
-        if payload.exp is None or payload.exp <= time.time():
+        if payload.exp is None or payload.exp <= time.time() - CLOCK_LEEWAY:
             raise AuthError("token must carry an expiry in the future")
         lxm = getattr(payload, "lxm", None)
+        if lxm is None and require_lxm:
+            raise AuthError(f"token must name the method it is for (lxm {method})")
         if lxm is not None and lxm != method:
             raise AuthError(f"token is for {lxm}, not {method}")
         return payload.iss
+
+    @property
+    def audiences(self) -> tuple[str, str]:
+        """This spindle's DID, alone or with its service fragment (a PDS proxy
+        mints tokens for ``did:web:<host>#tangled_spindle``)."""
+        return (self.service_did, f"{self.service_did}{SERVICE_FRAGMENT}")
+
+    def pds_endpoint(self, did: str) -> str:
+        """The PDS that hosts ``did``'s records, from its DID document."""
+        document = self._resolver.resolve(did)
+        if document is None:
+            raise LookupError(f"{did} does not resolve")
+        for service in document.service or []:
+            if service.id in ("#atproto_pds", f"{did}#atproto_pds"):
+                return str(service.service_endpoint).rstrip("/")
+        raise LookupError(f"{did} names no PDS")
 
     def _signing_key(self, did: str, force_refresh: bool) -> str:
         if not did.startswith(("did:plc:", "did:web:")):

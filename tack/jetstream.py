@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import peewee
 
 from . import logs, records, retry, store
-from .knots import KnotSubscriptions
+from .intake.knots import KnotSubscriptions
 from .records import BadRecord, Change
 from .stream import Backoff, Follower
 
@@ -29,6 +29,8 @@ CURSOR_NAME = "jetstream"
 # microsecond, servers with slightly different clocks), so resume earlier.
 REWIND_US = 5_000_000
 BATCH_MAX = 500
+# A frame's time_us may move the cursor only up to this far past our clock.
+MAX_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 # On shutdown the applier keeps draining already-received frames this long;
 # what is left is replayed from the saved cursor on the next start.
 DRAIN_SECONDS = 4.0
@@ -61,8 +63,10 @@ class Applier:
         knots: KnotSubscriptions,
         stop: threading.Event,
         known_knots: set[str],
+        on_pull_events: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
+        self._on_pull_events = on_pull_events
         self._frames = frames
         self._directory = directory
         self._knots = knots
@@ -122,12 +126,16 @@ class Applier:
     def _apply_batch(self, frames: list) -> None:
         changes: list[Change] = []
         newest = self.cursor or 0
+        latest_plausible = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
         for frame in frames:
             change, time_us = self._decode(frame)
             if change is not None:
                 changes.append(change)
-            # A bad record that told its time still moves the cursor past it.
-            newest = max(newest, time_us or 0)
+            # A bad record that told its time still moves the cursor past it,
+            # but only to a time that can be real: a frame from the far future
+            # must not make a restart skip everything published meanwhile.
+            if time_us is not None and time_us <= latest_plausible:
+                newest = max(newest, time_us)
         try:
             self._with_retry(lambda: self._commit(changes, newest))
         except ShutdownDuringRetry:
@@ -141,6 +149,11 @@ class Applier:
             self._with_retry(lambda: self._commit([], newest))
         if any(self._affects_knots(c) for c in changes):
             self._with_retry(self._reconcile_knots)
+        if any(c.action == "pull_event" for c in changes):
+            self._on_pull_events()
+        for change in changes:
+            if change.collection == records.REPO and change.action == "upsert":
+                self._note_repo_did_claim(change)
 
     def _decode(self, frame: str | bytes) -> tuple[Change | None, int | None]:
         try:
@@ -185,6 +198,19 @@ class Applier:
                 raise ShutdownDuringRetry() from exc
             raise
 
+    def _note_repo_did_claim(self, change: Change) -> None:
+        """Say so when a repo record claims a repo DID another author's
+        record already holds: the first owner keeps it (store.repo_by_did)."""
+        repo_did = (change.row or {}).get("repo_did")
+        if not repo_did:
+            return
+        holder = self._with_retry(lambda: self._directory.repo_by_did(repo_did))
+        if holder is not None and holder.did != change.did:
+            log.warning(
+                "repo DID already held by another author; this record is not served for it",
+                extra={**change.ids, "repo_did": repo_did, "holder": holder.did},
+            )
+
     # --- knots ------------------------------------------------------------------
 
     @staticmethod
@@ -214,10 +240,13 @@ class Ingester:
         queue_size: int,
         backoff: Backoff,
         known_knots: set[str],
+        on_pull_events: Callable[[], None] = lambda: None,
     ) -> None:
         self.stop_event = threading.Event()
         self.frames: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.applier = Applier(db, self.frames, directory, knots, self.stop_event, known_knots)
+        self.applier = Applier(
+            db, self.frames, directory, knots, self.stop_event, known_knots, on_pull_events
+        )
         self.reader = Follower(
             component="jetstream",
             url=lambda: subscribe_url(endpoint, self.applier.cursor),

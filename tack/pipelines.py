@@ -1,186 +1,104 @@
-"""Pipeline records from knots: validation against the lexicon, and the
-environment every workflow gets (protocol §2).
+"""The pipeline model every intake path produces and every surface reads.
 
-Everything here is pure; a record that fails raises ``Rejected`` with a
-reason fit for a log line.
+A pipeline is the ``sh.tangled.pipeline`` record (``triggerMetadata`` and
+``workflows``), whoever compiled it: an older knot, or tack itself from a ref
+update, a pull request or ``triggerPipeline``. From it come the environment
+every workflow gets (protocol-2026 §5.6) and the trigger the
+``sh.tangled.ci.pipeline`` view shows. Everything here is pure.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any
-
-from .config import is_did
 
 NSID = "sh.tangled.pipeline"
 KINDS = ("push", "pull_request", "manual")
-MAX_WORKFLOWS = 64
-MAX_RAW = 256 * 1024
-_SHA = re.compile(r"^[0-9a-f]{40}$")
-# Workflow names appear in /logs URLs and in filenames on the CI side: keep
-# them to what a workflow file name can be.
-_WORKFLOW_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-_REPO_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-
-
-class Rejected(Exception):
-    """A pipeline tack will not run; the message says why."""
-
-
-@dataclass(frozen=True)
-class PipelineRecord:
-    record: dict[str, Any]
-    kind: str
-    knot: str
-    owner: str
-    repo_name: str | None
-    repo_did: str | None
-    workflows: list[dict[str, Any]]
-
-
-def _obj(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise Rejected(f"{where} must be an object")
-    return value
-
-
-def _str(obj: dict, key: str, where: str, *, required: bool = True, limit: int = 1024) -> Any:
-    value = obj.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise Rejected(f"{where}.{key} must be a string of at most {limit} characters")
-    return value
-
-
-def _sha(obj: dict, key: str, where: str) -> str:
-    value = _str(obj, key, where, limit=40)
-    if not _SHA.match(value):
-        raise Rejected(f"{where}.{key} must be 40 lowercase hex characters")
-    return value
+TRIGGER_KEYS = {"push": "push", "pull_request": "pullRequest", "manual": "manual"}
+CI_TRIGGER_TYPES = {
+    "push": "sh.tangled.ci.trigger#push",
+    "pull_request": "sh.tangled.ci.trigger#pullRequest",
+    "manual": "sh.tangled.ci.trigger#manual",
+}
+MAX_WORKFLOW_NAME = 255
 
 
 def is_workflow_name(value: Any) -> bool:
-    return isinstance(value, str) and bool(_WORKFLOW_NAME.match(value))
+    """A workflow is named by its file name: any text a file name can be.
+
+    Names never reach a path (logs are named by number), so only what cannot
+    be a file name is refused: separators, NUL and other control characters.
+    """
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_WORKFLOW_NAME
+        and value not in (".", "..")
+        and "/" not in value
+        and all(ord(char) >= 32 and char != "\x7f" for char in value)
+    )
 
 
-def validate(record: Any) -> PipelineRecord:
-    record = _obj(record, "record")
-    trigger = _obj(record.get("triggerMetadata"), "triggerMetadata")
-    kind = trigger.get("kind")
-    if kind not in KINDS:
-        raise Rejected(f"triggerMetadata.kind must be one of {', '.join(KINDS)}")
-    repo = _obj(trigger.get("repo"), "triggerMetadata.repo")
-    knot = _str(repo, "knot", "repo", limit=260).lower()
-    owner = _str(repo, "did", "repo", limit=2048)
-    if not is_did(owner):
-        raise Rejected("repo.did is not a DID")
-    _str(repo, "defaultBranch", "repo", limit=255)
-    repo_name = _str(repo, "repo", "repo", required=False, limit=255)
-    if repo_name is not None and not _REPO_NAME.match(repo_name):
-        raise Rejected("repo.repo is not a valid repository name")
-    repo_did = _str(repo, "repoDid", "repo", required=False, limit=2048)
-    if repo_did is not None and not is_did(repo_did):
-        raise Rejected("repo.repoDid is not a DID")
-    if repo_name is None and repo_did is None:
-        raise Rejected("repo names neither repo nor repoDid")
-    _validate_trigger(kind, trigger)
-    workflows = record.get("workflows")
-    if not isinstance(workflows, list) or not workflows:
-        raise Rejected("workflows must be a non-empty list")
-    if len(workflows) > MAX_WORKFLOWS:
-        raise Rejected(f"more than {MAX_WORKFLOWS} workflows")
-    names = [_validate_workflow(i, w) for i, w in enumerate(workflows)]
-    if len(set(names)) != len(names):
-        raise Rejected("workflow names are not unique")
-    return PipelineRecord(record, kind, knot, owner, repo_name, repo_did, workflows)
-
-
-def _validate_trigger(kind: str, trigger: dict) -> None:
-    if kind == "push":
-        push = _obj(trigger.get("push"), "push")
-        _str(push, "ref", "push")
-        _sha(push, "newSha", "push")
-        _sha(push, "oldSha", "push")
-    elif kind == "pull_request":
-        pr = _obj(trigger.get("pullRequest"), "pullRequest")
-        for key in ("sourceBranch", "targetBranch", "action"):
-            _str(pr, key, "pullRequest")
-        _sha(pr, "sourceSha", "pullRequest")
-    else:
-        manual = _obj(trigger.get("manual", {}), "manual")
-        inputs = manual.get("inputs", [])
-        if not isinstance(inputs, list) or len(inputs) > 100:
-            raise Rejected("manual.inputs must be a list of at most 100 pairs")
-        for pair in inputs:
-            pair = _obj(pair, "manual.inputs[]")
-            key = _str(pair, "key", "manual.inputs[]", limit=100)
-            _str(pair, "value", "manual.inputs[]", limit=4096)
-            if not re.match(r"^[A-Za-z0-9_]+$", key):
-                raise Rejected(f"manual input key {key[:100]!r} is not [A-Za-z0-9_]+")
-
-
-def _validate_workflow(index: int, workflow: Any) -> str:
-    where = f"workflows[{index}]"
-    workflow = _obj(workflow, where)
-    name = workflow.get("name")
-    if not is_workflow_name(name):
-        raise Rejected(f"{where}.name must match [A-Za-z0-9._-]{{1,255}}")
-    _str(workflow, "engine", where, limit=100)
-    _str(workflow, "raw", where, limit=MAX_RAW)
-    clone = _obj(workflow.get("clone", {}), f"{where}.clone")
-    for key in ("skip", "submodules", "tags"):
-        if key in clone and not isinstance(clone[key], bool):
-            raise Rejected(f"{where}.clone.{key} must be a boolean")
-    depth = clone.get("depth", 1)
-    if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 1_000_000:
-        raise Rejected(f"{where}.clone.depth must be a non-negative integer")
-    return name
+def trigger_data(record: dict) -> dict[str, Any]:
+    trigger = record["triggerMetadata"]
+    return trigger.get(TRIGGER_KEYS[trigger["kind"]]) or {}
 
 
 def commit_sha(record: dict) -> str | None:
+    """The commit a pipeline runs on: push newSha, PR sourceSha, manual sha."""
     trigger = record["triggerMetadata"]
-    if trigger["kind"] == "push":
-        return trigger["push"]["newSha"]
-    if trigger["kind"] == "pull_request":
-        return trigger["pullRequest"]["sourceSha"]
-    return None
+    data = trigger_data(record)
+    key = {"push": "newSha", "pull_request": "sourceSha", "manual": "sha"}[trigger["kind"]]
+    return data.get(key) or None
 
 
-def repo_url(knot: str, owner: str, repo_name: str, dev: bool) -> str:
-    scheme = "http" if dev else "https"
-    return f"{scheme}://{knot}/{owner}/{repo_name}"
+def repo_path(repo: dict) -> str:
+    """The repository's path on its knot: the repo DID today, owner/name before."""
+    if repo.get("repoDid"):
+        return repo["repoDid"]
+    return f"{repo['did']}/{repo.get('repo', '')}"
 
 
-def tangled_env(record: dict, pipeline_uri: str, repo_name: str, dev: bool) -> dict[str, str]:
+def repo_url(repo: dict, dev: bool) -> str:
+    return f"{'http' if dev else 'https'}://{repo['knot']}/{repo_path(repo)}"
+
+
+def tangled_env(record: dict, pipeline_uri: str, dev: bool) -> dict[str, str]:
     """The CI and TANGLED_* variables, named as the official spindle names them."""
     trigger = record["triggerMetadata"]
     repo = trigger["repo"]
+    kind = trigger["kind"]
     env = {
         "CI": "true",
         "TANGLED_PIPELINE_ID": pipeline_uri,
+        "TANGLED_PIPELINE_KIND": kind,
+        "TANGLED_PIPELINE_SOURCE": trigger.get("sourceRepo") or repo.get("repoDid") or repo["did"],
         "TANGLED_REPO_KNOT": repo["knot"],
         "TANGLED_REPO_DID": repo["did"],
-        "TANGLED_REPO_NAME": repo_name,
-        "TANGLED_REPO_DEFAULT_BRANCH": repo["defaultBranch"],
-        "TANGLED_REPO_URL": repo_url(repo["knot"], repo["did"], repo_name, dev),
+        "TANGLED_REPO_NAME": repo.get("repo") or "",
+        "TANGLED_REPO_REPO_DID": repo.get("repoDid") or "",
+        "TANGLED_REPO_DEFAULT_BRANCH": repo.get("defaultBranch") or "",
+        "TANGLED_REPO_URL": repo_url(repo, dev),
     }
-    kind = trigger["kind"]
+    data = trigger_data(record)
     if kind == "push":
-        ref = trigger["push"]["ref"]
-        env.update(_ref_env(ref, trigger["push"]["newSha"]))
+        env.update(_ref_env(data["ref"], data["newSha"]))
     elif kind == "pull_request":
-        pr = trigger["pullRequest"]
-        env.update(_ref_env(f"refs/heads/{pr['sourceBranch']}", pr["sourceSha"]))
+        env.update(_ref_env(f"refs/heads/{data.get('sourceBranch', '')}", data["sourceSha"]))
         env.update(
-            TANGLED_PR_SOURCE_BRANCH=pr["sourceBranch"],
-            TANGLED_PR_TARGET_BRANCH=pr["targetBranch"],
-            TANGLED_PR_SOURCE_SHA=pr["sourceSha"],
-            TANGLED_PR_ACTION=pr["action"],
+            TANGLED_PR_SOURCE_BRANCH=data.get("sourceBranch", ""),
+            TANGLED_PR_TARGET_BRANCH=data.get("targetBranch", ""),
+            TANGLED_PR_SOURCE_SHA=data["sourceSha"],
+            TANGLED_PIPELINE_SOURCE_BRANCH=data.get("sourceBranch", ""),
+            TANGLED_PIPELINE_TARGET_BRANCH=data.get("targetBranch", ""),
         )
+        if data.get("action"):
+            env["TANGLED_PR_ACTION"] = data["action"]
     else:
-        for pair in trigger.get("manual", {}).get("inputs", []):
+        sha = data.get("sha")
+        if sha and data.get("ref"):
+            env.update(_ref_env(data["ref"], sha))
+        elif sha:
+            env.update(TANGLED_SHA=sha, TANGLED_COMMIT_SHA=sha)
+        for pair in data.get("inputs", []):
             env[f"TANGLED_INPUT_{pair['key'].upper()}"] = pair["value"]
     return env
 
@@ -197,3 +115,23 @@ def _ref_env(ref: str, sha: str) -> dict[str, str]:
         "TANGLED_SHA": sha,
         "TANGLED_COMMIT_SHA": sha,
     }
+
+
+def ci_trigger(record: dict) -> dict[str, Any]:
+    """The ``sh.tangled.ci.trigger`` union member for a pipeline record."""
+    trigger = record["triggerMetadata"]
+    kind = trigger["kind"]
+    data = trigger_data(record)
+    if kind == "push":
+        fields = {key: data[key] for key in ("ref", "newSha", "oldSha")}
+    elif kind == "pull_request":
+        fields = {
+            key: data[key]
+            for key in ("targetBranch", "sourceSha", "sourceBranch", "action", "pull")
+            if data.get(key)
+        }
+    else:
+        fields = {key: data[key] for key in ("sha", "ref", "inputs") if data.get(key)}
+    if trigger.get("sourceRepo") and kind != "push":
+        fields["sourceRepo"] = trigger["sourceRepo"]
+    return {"$type": CI_TRIGGER_TYPES[kind], **fields}

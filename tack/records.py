@@ -18,7 +18,17 @@ from .config import is_did
 MEMBER = "sh.tangled.spindle.member"
 REPO = "sh.tangled.repo"
 COLLABORATOR = "sh.tangled.repo.collaborator"
-COLLECTIONS = (MEMBER, REPO, COLLABORATOR)
+PULL = "sh.tangled.repo.pull"
+PULL_STATUS = "sh.tangled.repo.pull.status"
+COLLECTIONS = (MEMBER, REPO, COLLABORATOR, PULL, PULL_STATUS)
+# A pull request event is a trigger, not only a row: these become "pull_event"
+# changes, which queue a pipeline for the pull request worker.
+PULL_EVENTS = (PULL, PULL_STATUS)
+PULL_STATUS_ACTIONS = {
+    "sh.tangled.repo.pull.status.open": "reopened",
+    "sh.tangled.repo.pull.status.closed": "closed",
+    "sh.tangled.repo.pull.status.merged": "merged",
+}
 
 # Records are small (a repo record is a few hundred bytes); the limit keeps a
 # hostile frame from costing more than a decode.
@@ -78,8 +88,9 @@ def decode(frame: str | bytes, hostname: str) -> Change:
         raise BadRecord(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
         event = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRecord(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        # Any failure to parse is a bad record, including nesting too deep.
+        raise BadRecord(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(event, dict):
         raise BadRecord("frame is not a JSON object")
 
@@ -121,6 +132,8 @@ def _decode_commit(commit: Any, did: str, time_us: int, hostname: str) -> Change
 
     operation = commit.get("operation")
     if operation == "delete":
+        if collection == PULL_STATUS:
+            return Change(time_us, "ignore", did)
         return Change(time_us, "delete", did, collection, rkey)
     if operation not in ("create", "update"):
         raise BadRecord(f"unknown operation {operation!r}", ids, time_us)
@@ -130,6 +143,8 @@ def _decode_commit(commit: Any, did: str, time_us: int, hostname: str) -> Change
         raise BadRecord("create/update without a record object", ids, time_us)
     if record.get("$type", collection) != collection:
         raise BadRecord(f"record $type {record.get('$type')!r} != collection", ids, time_us)
+    if collection in PULL_EVENTS:
+        return _pull_event(record, commit, did, collection, rkey, operation, time_us, ids)
     try:
         row = _ROW_BUILDERS[collection](record, hostname)
     except ValueError as exc:
@@ -180,7 +195,8 @@ def _member_row(record: dict, hostname: str) -> dict | None:
 
 
 def _repo_row(record: dict, hostname: str) -> dict | None:
-    name = _string(record, "name", limit=256)
+    # Today's records may omit the (cosmetic) name; the repo DID names the repo.
+    name = _string(record, "name", required=False, limit=256) or ""
     knot = _string(record, "knot", limit=260).lower()
     spindle = _string(record, "spindle", required=False, limit=260)
     repo_did = _did_field(record, "repoDid", required=False)
@@ -199,9 +215,11 @@ def _repo_row(record: dict, hostname: str) -> dict | None:
 def _collaborator_row(record: dict, hostname: str) -> dict:
     subject = _did_field(record, "subject")
     repo = _string(record, "repo", required=False)
-    if repo is not None and not _AT_URI_RE.match(repo):
-        raise ValueError("repo is not an at-uri")
     repo_did = _did_field(record, "repoDid", required=False)
+    if repo is not None and is_did(repo):
+        repo, repo_did = None, repo  # today's shape: the repo named by its DID
+    elif repo is not None and not _AT_URI_RE.match(repo):
+        raise ValueError("repo is neither a repo DID nor an at-uri")
     if repo is None and repo_did is None:
         raise ValueError("neither repo nor repoDid is set")
     created_at = _datetime(record, "createdAt")
@@ -209,3 +227,69 @@ def _collaborator_row(record: dict, hostname: str) -> dict:
 
 
 _ROW_BUILDERS = {MEMBER: _member_row, REPO: _repo_row, COLLABORATOR: _collaborator_row}
+
+
+def _pull_event(
+    record: dict,
+    commit: dict,
+    did: str,
+    collection: str,
+    rkey: str,
+    operation: str,
+    time_us: int,
+    ids: dict,
+) -> Change:
+    """A pull request record, or a status change of one, as a trigger.
+
+    Only branch pull requests within one repo run (protocol-2026 §5.4): a
+    fork's or a bare patch's pull request is valid but ignored.
+    """
+    revision = commit.get("rev") if isinstance(commit.get("rev"), str) else str(time_us)
+    key = f"{did}/{collection}/{rkey}@{revision[:64]}"
+    try:
+        if collection == PULL_STATUS:
+            row = _pull_status_row(record, operation)
+        else:
+            row = _pull_row(record, operation)
+    except ValueError as exc:
+        raise BadRecord(str(exc), ids, time_us) from None
+    if row is None:
+        return Change(time_us, "ignore", did)
+    return Change(time_us, "pull_event", did, collection, rkey, {**row, "key": key})
+
+
+def _pull_row(record: dict, operation: str) -> dict | None:
+    target = record.get("target")
+    source = record.get("source")
+    if not isinstance(target, dict):
+        raise ValueError("target missing or not an object")
+    if not isinstance(source, dict) or source.get("repo") is not None:
+        return None  # a patch or a fork: not run here
+    rounds = record.get("rounds")
+    if not isinstance(rounds, list) or not rounds or len(rounds) > 10_000:
+        raise ValueError("rounds must be a non-empty list")
+    last = rounds[-1]
+    blob = last.get("patchBlob") if isinstance(last, dict) else None
+    link = blob.get("ref") if isinstance(blob, dict) else None
+    cid = link.get("$link") if isinstance(link, dict) else None
+    if not isinstance(cid, str) or not re.match(r"^[a-z0-9]{8,200}$", cid):
+        raise ValueError("the last round has no patchBlob with a CID")
+    return {
+        "target_repo_did": _did_field(target, "repo"),
+        "target_branch": _string(target, "branch", limit=255),
+        "source_branch": _string(source, "branch", limit=255),
+        "patch_blob": cid,
+        "created_at": _datetime(record, "createdAt"),
+        "action": "opened" if operation == "create" else "synchronize",
+    }
+
+
+def _pull_status_row(record: dict, operation: str) -> dict | None:
+    pull = _string(record, "pull")
+    match = re.match(r"^at://(did:[a-z]+:[A-Za-z0-9._:%-]+)/sh\.tangled\.repo\.pull/([^/]+)$", pull)
+    if not match or not is_rkey(match[2]):
+        raise ValueError("pull is not the at-uri of a pull request")
+    status = _string(record, "status", limit=256)
+    if operation != "create" or status not in PULL_STATUS_ACTIONS:
+        return None
+    return {"pull_did": match[1], "pull_rkey": match[2], "action": PULL_STATUS_ACTIONS[status]}

@@ -232,7 +232,7 @@ class Scheduler:
             pipeline=record,
             workflow=entry,
             spec=parse(entry["raw"]),
-            env=pipelines.tangled_env(record, uri, pipeline.repo_name, self._dev),
+            env=pipelines.tangled_env(record, uri, self._dev),
             secrets=secrets,
             cancel=cancel,
             stopping=self._stopping,

@@ -13,25 +13,32 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 from . import backends as backend_registry
 from . import logs, store
+from .api.callbacks import PREFIX as CALLBACK_PREFIX
+from .api.callbacks import CallbackHub
+from .api.ci import CiApi
+from .api.logstream import PATH as LOGSTREAM_PATH
+from .api.logstream import PipelineLogStream
+from .api.server import App, Server, encode_text_frame
+from .api.xrpc import Xrpc
 from .auth import ServiceAuth
 from .backends import Backends, Context
-from .callbacks import PREFIX as CALLBACK_PREFIX
-from .callbacks import CallbackHub
 from .config import Config
-from .intake import Intake
+from .intake.accept import Acceptor
+from .intake.fetch import WorkflowFetcher
+from .intake.knot_frames import KnotIntake
+from .intake.knots import KnotConsumer, KnotSubscriptions
+from .intake.pulls import PullRequests
 from .jetstream import Ingester
-from .knots import KnotConsumer, KnotSubscriptions
 from .scheduler import Scheduler
 from .secrets import SecretStore, load_keys, rotation_requested
-from .server import App, Server, encode_text_frame
 from .statuses import StatusLog
 from .store import Pipeline
 from .stream import Backoff
 from .worklogs import LogBook
-from .xrpc import Xrpc
 
 log = logs.get("service")
 
@@ -75,13 +82,24 @@ class Spindle:
             stop=self.stop_event,
             secrets_for=self._secrets_for,
         )
-        self.intake = Intake(
-            self.db,
-            self.directory,
+        self.auth = ServiceAuth(config.spindle_did, config.plc_url, config.dev)
+        self.acceptor = Acceptor(
             self.statuses,
             self.logbook,
             self.backends,
             on_accepted=self.scheduler.wake,
+            stop=self.stop_event,
+        )
+        # Workflow mirrors live beside the database: state tack may rebuild.
+        mirrors = Path(config.db_path).resolve().parent / "tack-mirrors"
+        self.fetcher = WorkflowFetcher(mirrors, config.dev)
+        self.intake = KnotIntake(self.directory, self.acceptor, self.fetcher, self.stop_event)
+        self.pulls = PullRequests(
+            self.directory,
+            self.acceptor,
+            self.fetcher,
+            self.auth,
+            dev=config.dev,
             stop=self.stop_event,
         )
         self.knots = (
@@ -104,25 +122,28 @@ class Spindle:
             queue_size=config.queue_size,
             backoff=backoff,
             known_knots=self.wanted_knots,
+            on_pull_events=self.pulls.wake,
         )
         app = App(
             config.hostname, config.owner, self.statuses, self.logbook, self.db, self.stop_event
         )
         app.prefix_routes[("POST", CALLBACK_PREFIX)] = self.callbacks.route
-        xrpc = Xrpc(
-            ServiceAuth(config.spindle_did, config.plc_url, config.dev),
-            self.directory,
-            self.secrets,
-            self.scheduler,
-        )
-        get_routes, post_routes = xrpc.routes()
-        app.get_routes.update(get_routes)
-        app.post_routes.update(post_routes)
+        xrpc = Xrpc(self.auth, self.directory, self.secrets, self.scheduler)
+        ci = CiApi(self.auth, self.directory, self.acceptor, self.fetcher, self.scheduler)
+        for get_routes, post_routes in (xrpc.routes(), ci.routes()):
+            app.get_routes.update(get_routes)
+            app.post_routes.update(post_routes)
+        logstream = PipelineLogStream(self.statuses, self.logbook, self.stop_event)
+        app.get_routes[LOGSTREAM_PATH] = logstream.route
         self.server = Server(config.listen, app)
 
     def _secrets_for(self, pipeline: Pipeline) -> dict[str, str]:
         """The secrets of the repo a pipeline belongs to, and no other repo's."""
-        repo = self.directory.repo_by_name(pipeline.repo_owner, pipeline.repo_name)
+        repo = None
+        if pipeline.repo_did and pipeline.repo_did != pipeline.repo_owner:
+            repo = self.directory.repo_by_did(pipeline.repo_did)
+        if repo is None:
+            repo = self.directory.repo_by_name(pipeline.repo_owner, pipeline.repo_name)
         return {} if repo is None else self.secrets.values(repo.at_uri)
 
     def start(self) -> None:
@@ -130,6 +151,7 @@ class Spindle:
         self.server.start()
         for knot in sorted(self.wanted_knots):
             self.knots.add_knot(knot)
+        self.pulls.start()
         self.ingester.start()
         log.info(
             "tack started",
@@ -150,6 +172,7 @@ class Spindle:
         if isinstance(self.knots, KnotConsumer):
             self.knots.stop(timeout=_left(deadline))
         self.scheduler.stop(timeout=_left(deadline))
+        self.pulls.join(timeout=_left(deadline))
         self.ingester.stop(timeout=_left(deadline))
         self.server.stop()
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})

@@ -30,6 +30,7 @@ from .store import StatusEvent, Workflow, compile_once, pipeline_uri
 log = logs.get("statuses")
 
 NSID = "sh.tangled.pipeline.status"
+PIPELINE_NSID = "sh.tangled.pipeline"
 # NEW is tack's own: a workflow row written but not yet announced; its first
 # event (pending, or failed when it cannot run) commits in the same transaction.
 NEW, PENDING, RUNNING = "new", "pending", "running"
@@ -41,10 +42,19 @@ _MAY_FOLLOW = {
     status: [before for before in (NEW, PENDING, RUNNING) if _RANK[before] < _RANK[status]]
     for status in ALL
 }
+
+
+def _moment_column(status: str) -> dict:
+    """The workflow column a status stamps: when it started or finished."""
+    if status == RUNNING:
+        return {"started_at": 0}
+    return {"finished_at": 0} if status in FINAL else {}
+
+
 _ADVANCE = {
     status: compile_once(
         lambda status=status: Workflow.update(
-            status=status, error="", exit_code=0, updated_at=0
+            status=status, error="", exit_code=0, updated_at=0, **_moment_column(status)
         ).where((Workflow.id == 0) & Workflow.status.in_(_MAY_FOLLOW[status]))
     )
     for status in ALL
@@ -122,11 +132,12 @@ class StatusLog:
         if status not in ALL:
             raise ValueError(f"unknown status {status!r}")
         created = self._next_created()
+        moments = (created,) * len(_moment_column(status))
         # The guard in the WHERE clause is the transition rule: final is
         # final, no going back, and a repeat changes nothing.
         moved = self._db.execute_sql(
             _ADVANCE[status](),
-            (status, error, exit_code, created, workflow.id, *_MAY_FOLLOW[status]),
+            (status, error, exit_code, created, *moments, workflow.id, *_MAY_FOLLOW[status]),
         ).rowcount
         if not moved:
             return False
@@ -160,6 +171,28 @@ class StatusLog:
             },
         )
         return True
+
+    def mint(self) -> tuple[int, str]:
+        """A new (created ns, TID) from the status clock (inside ``writing``).
+
+        Pipeline ids come from here: unique among themselves and with every
+        status event's rkey, and ordered with them in time.
+        """
+        created = self._next_created()
+        return created, tid.encode(created // 1000, self._clock_id)
+
+    def append_pipeline(self, created: int, rkey: str, workflow_id: int, record: dict) -> None:
+        """Announce a pipeline tack compiled on ``/events`` as its
+        ``sh.tangled.pipeline`` record (the transitional appview learns
+        pipelines there), keyed by the pipeline's own TID."""
+        frame = json.dumps(
+            {"rkey": rkey, "nsid": PIPELINE_NSID, "event": {"$type": PIPELINE_NSID, **record}},
+            separators=(",", ":"),
+        )
+        event_id = self._db.execute_sql(
+            _INSERT_EVENT(), (f"pipeline:{rkey}", created, workflow_id, "pipeline", frame)
+        ).lastrowid
+        self._uncommitted.append((event_id, self._encode(frame)))
 
     def _next_created(self) -> int:
         # Whole microseconds apart, so the TID (microsecond resolution) made

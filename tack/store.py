@@ -108,14 +108,25 @@ class Cursor(BaseModel):
 
 
 class Pipeline(BaseModel):
-    """An accepted pipeline. Its existence is the dedupe mark: (knot, rkey) runs once."""
+    """An accepted pipeline, keyed by its knot and TID (the knot's rkey for a
+    pipeline an older knot compiled, one tack minted otherwise).
+
+    ``record`` is the ``sh.tangled.pipeline`` record whoever compiled it;
+    ``repo_did``, ``kind`` and ``sha`` are copied out of it for the
+    ``sh.tangled.ci`` queries. ``push_key`` names the push a pipeline came
+    from, so one push makes one pipeline whichever frames a knot sends for it.
+    """
 
     knot = TextField()
     rkey = TextField()
     repo_owner = TextField()
     repo_name = TextField()
-    record = TextField()  # the pipeline record as received, JSON
+    record = TextField()  # the pipeline record, JSON
     accepted_at = BigIntegerField()  # unix ns
+    repo_did = TextField(null=True)  # the repo DID, or the owner's DID for a repo without one
+    kind = TextField(null=True)
+    sha = TextField(null=True)
+    push_key = TextField(null=True)
 
     class Meta:
         primary_key = CompositeKey("knot", "rkey")
@@ -139,6 +150,8 @@ class Workflow(BaseModel):
     backend_state = TextField(null=True)  # JSON a backend keeps to resume (remote run id)
     created_at = BigIntegerField()
     updated_at = BigIntegerField()
+    started_at = BigIntegerField(null=True)  # unix ns of its running status
+    finished_at = BigIntegerField(null=True)  # unix ns of its final status
 
     @property
     def state(self) -> dict[str, Any]:
@@ -155,6 +168,59 @@ class StatusEvent(BaseModel):
     workflow_id = IntegerField()
     status = TextField()
     frame = TextField()
+
+
+class KnotEvent(BaseModel):
+    """A knot event already taken in: (knot, rkey) makes at most one pipeline."""
+
+    knot = TextField()
+    rkey = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("knot", "rkey")
+
+
+class KnotCollaborator(BaseModel):
+    """A collaborator a repo's own knot announced (``collaboratorUpdate``)."""
+
+    knot = TextField()
+    repo_did = TextField()
+    subject = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("repo_did", "subject", "knot")
+
+
+class Pull(BaseModel):
+    """A branch pull request (``sh.tangled.repo.pull``) into a repo this spindle serves."""
+
+    did = TextField()  # the author
+    rkey = TextField()
+    target_repo_did = TextField()
+    target_branch = TextField()
+    source_branch = TextField()
+    patch_blob = TextField()  # CID of the latest round's patch
+    created_at = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("did", "rkey")
+
+    @property
+    def at_uri(self) -> str:
+        return f"at://{self.did}/sh.tangled.repo.pull/{self.rkey}"
+
+
+class PullTrigger(BaseModel):
+    """A pull request event waiting to become a pipeline (the applier queues it;
+    the pull request worker, which may wait on the network, takes it)."""
+
+    id = AutoField()
+    key = TextField(unique=True)  # the jetstream commit it came from: replays add nothing
+    pull_did = TextField()
+    pull_rkey = TextField()
+    action = TextField()
+    actor = TextField()
+    created_at = BigIntegerField()
 
 
 class Secret(BaseModel):
@@ -223,7 +289,47 @@ _V3 = (
         created_at TEXT NOT NULL, created_by TEXT NOT NULL, PRIMARY KEY (repo, key))""",
 )
 
-MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
+_V4 = (
+    # The 2026 pipeline model: pipelines queried by repo DID, kind and commit.
+    "ALTER TABLE pipeline ADD COLUMN repo_did TEXT",
+    "ALTER TABLE pipeline ADD COLUMN kind TEXT",
+    "ALTER TABLE pipeline ADD COLUMN sha TEXT",
+    "ALTER TABLE pipeline ADD COLUMN push_key TEXT",
+    """UPDATE pipeline SET
+        kind = json_extract(record, '$.triggerMetadata.kind'),
+        sha = coalesce(json_extract(record, '$.triggerMetadata.push.newSha'),
+                       json_extract(record, '$.triggerMetadata.pullRequest.sourceSha'),
+                       json_extract(record, '$.triggerMetadata.manual.sha')),
+        repo_did = coalesce(json_extract(record, '$.triggerMetadata.repo.repoDid'), repo_owner)""",
+    "CREATE INDEX pipeline_repo_did ON pipeline (repo_did)",
+    "CREATE INDEX pipeline_repo_did_sha ON pipeline (repo_did, sha)",
+    "CREATE INDEX pipeline_rkey ON pipeline (rkey)",
+    "CREATE INDEX pipeline_push_key ON pipeline (push_key)",
+    "ALTER TABLE workflow ADD COLUMN started_at BIGINT",
+    "ALTER TABLE workflow ADD COLUMN finished_at BIGINT",
+    "CREATE INDEX status_event_workflow ON status_event (workflow_id)",
+    """UPDATE workflow SET
+        started_at = (SELECT min(created) FROM status_event
+                      WHERE workflow_id = workflow.id AND status = 'running'),
+        finished_at = (SELECT max(created) FROM status_event WHERE workflow_id = workflow.id
+                       AND status IN ('success', 'failed', 'timeout', 'cancelled'))""",
+    """CREATE TABLE knot_event (
+        knot TEXT NOT NULL, rkey TEXT NOT NULL, PRIMARY KEY (knot, rkey))""",
+    """CREATE TABLE knot_collaborator (
+        knot TEXT NOT NULL, repo_did TEXT NOT NULL, subject TEXT NOT NULL,
+        PRIMARY KEY (repo_did, subject, knot))""",
+    """CREATE TABLE pull (
+        did TEXT NOT NULL, rkey TEXT NOT NULL, target_repo_did TEXT NOT NULL,
+        target_branch TEXT NOT NULL, source_branch TEXT NOT NULL, patch_blob TEXT NOT NULL,
+        created_at TEXT NOT NULL, PRIMARY KEY (did, rkey))""",
+    """CREATE TABLE pull_trigger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, pull_did TEXT NOT NULL,
+        pull_rkey TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
+        created_at BIGINT NOT NULL)""",
+    "CREATE INDEX collaborator_repo_did ON collaborator (repo_did)",
+)
+
+MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
 
 
 def migrate(db: peewee.Database) -> int:
@@ -323,6 +429,7 @@ RECORD_MODELS: dict[str, type[BaseModel]] = {
     records.MEMBER: Member,
     records.REPO: Repo,
     records.COLLABORATOR: Collaborator,
+    records.PULL: Pull,
 }
 
 
@@ -362,6 +469,38 @@ def apply_changes(changes: Iterable[records.Change]) -> None:
         elif action == "delete_account":
             for change in run:
                 delete_account(change.did)
+        elif action == "pull_event":
+            for change in run:
+                apply_pull_event(change)
+
+
+def apply_pull_event(change: records.Change) -> None:
+    """Keep a pull request into a served repo, and queue its trigger.
+
+    Pull requests into repos this spindle does not serve are not kept: the
+    network has many. The trigger's key is the jetstream commit it came in,
+    so a replayed event queues nothing twice.
+    """
+    row = dict(change.row or {})
+    key, action = row.pop("key"), row.pop("action")
+    if change.collection == records.PULL:
+        served = Repo.select().where(Repo.repo_did == row["target_repo_did"]).exists()
+        if not served:
+            return
+        Pull.insert(did=change.did, rkey=change.rkey, **row).on_conflict_replace().execute()
+        pull_did, pull_rkey = change.did, change.rkey
+    else:
+        pull_did, pull_rkey = row["pull_did"], row["pull_rkey"]
+        if not Pull.select().where((Pull.did == pull_did) & (Pull.rkey == pull_rkey)).exists():
+            return
+    PullTrigger.insert(
+        key=key,
+        pull_did=pull_did,
+        pull_rkey=pull_rkey,
+        action=action,
+        actor=change.did,
+        created_at=change.time_us * 1000,
+    ).on_conflict_ignore().execute()
 
 
 def delete_account(did: str) -> None:
@@ -424,15 +563,41 @@ class Directory:
         return Repo.select().where((Repo.did == owner) & (Repo.name == name)).first()
 
     def repo_by_did(self, repo_did: str) -> Repo | None:
-        return Repo.select().where(Repo.repo_did == repo_did).first()
+        """The served repo record holding ``repo_did``: the first one written.
+
+        Anyone can write a record claiming any repo DID; only records by the
+        owner or a member are served, and among those the first owner wins,
+        so a later claim cannot take a member's repo (or its pipelines) away.
+        """
+        return (
+            self._served_repos()
+            .where(Repo.repo_did == repo_did)
+            .order_by(peewee.SQL("rowid"))
+            .first()
+        )
+
+    def may_push(self, repo: Repo, did: str) -> bool:
+        """Push rights: the repo's owner, or a collaborator."""
+        return did == repo.did or self.is_collaborator(repo, did)
 
     def is_collaborator(self, repo: Repo, did: str) -> bool:
-        """``did`` was granted ``repo`` by a record its owner wrote."""
+        """``did`` was granted ``repo`` by a record its owner wrote, or by its knot."""
         match_repo = Collaborator.repo == repo.at_uri
         if repo.repo_did:
             match_repo |= Collaborator.repo_did == repo.repo_did
-        return (
+        by_record = (
             Collaborator.select()
             .where((Collaborator.did == repo.did) & (Collaborator.subject == did) & match_repo)
+            .exists()
+        )
+        if by_record or not repo.repo_did:
+            return by_record
+        return (
+            KnotCollaborator.select()
+            .where(
+                (KnotCollaborator.repo_did == repo.repo_did)
+                & (KnotCollaborator.subject == did)
+                & (KnotCollaborator.knot == repo.knot)
+            )
             .exists()
         )

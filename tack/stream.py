@@ -267,7 +267,7 @@ class Follower:
                 continue
             last_heard = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
-                raise StreamEnded("closed by peer")
+                raise StreamEnded(_close_reason(data))
             if opcode == websocket.ABNF.OPCODE_TEXT:
                 data = data.decode("utf-8", errors="replace")
             elif opcode != websocket.ABNF.OPCODE_BINARY:
@@ -277,6 +277,17 @@ class Follower:
             self.frames += 1
             self._session_frames += 1
             self._on_frame(data)
+
+
+def _close_reason(data: bytes) -> str:
+    """A close frame's code and reason, for the log: a knot closes with 1013
+    "drain cap reached, reconnect to continue" when a replay is long, which
+    is a request to reconnect, not a failure."""
+    if len(data) < 2:
+        return "closed by peer"
+    code = int.from_bytes(data[:2], "big")
+    reason = data[2:125].decode("utf-8", errors="replace")
+    return f"closed by peer: {code} {reason}".strip()
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -37,52 +37,94 @@ class WorkflowSpec:
     document: dict[str, Any]  # the whole mapping, for keys a backend documents
 
 
-def parse(raw: str) -> WorkflowSpec:
+UNREADABLE = "\0unreadable: "  # how intake marks a file it could not read as text
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_TEXT_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
+
+
+def load_document(raw: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workflow file as typed YAML, and as text (every scalar as written).
+
+    The typed form answers ``engine``, ``when`` and ``clone``; the text form
+    gives environment values and step fields exactly as the file spells them
+    (``3.10`` stays ``3.10``, ``yes`` stays ``yes``), as the official spindle
+    reads them into strings. Any failure to understand the file, whatever
+    the parser raises, is a WorkflowError.
+    """
+    if raw.startswith(UNREADABLE):
+        raise WorkflowError(raw.removeprefix(UNREADABLE))
     if len(raw.encode("utf-8", errors="replace")) > MAX_RAW_BYTES:
         raise WorkflowError(f"workflow file is larger than {MAX_RAW_BYTES} bytes")
     try:
-        document = yaml.safe_load(raw)
+        document = yaml.load(raw, Loader=_LOADER)  # a safe loader: no Python objects
+        text = yaml.load(raw, Loader=_TEXT_LOADER)  # every scalar a string
     except yaml.YAMLError as exc:
         raise WorkflowError(f"invalid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # Values the safe loader cannot build (a date like 2024-13-45) or
+        # nesting too deep: the file is wrong, not tack.
+        raise WorkflowError(f"invalid YAML: {type(exc).__name__}: {str(exc)[:200]}") from None
     if document is None:
-        document = {}
-    if not isinstance(document, dict):
+        document, text = {}, {}
+    if not isinstance(document, dict) or not isinstance(text, dict):
         raise WorkflowError("workflow file must be a mapping at the top level")
+    return document, text
+
+
+def parse(raw: str) -> WorkflowSpec:
+    document, text = load_document(raw)
     steps_raw = document.get("steps") or []
     if not isinstance(steps_raw, list):
         raise WorkflowError("steps must be a list")
     if len(steps_raw) > MAX_STEPS:
         raise WorkflowError(f"more than {MAX_STEPS} steps")
-    steps = [_step(index, item) for index, item in enumerate(steps_raw, start=1)]
-    return WorkflowSpec(steps, environment(document.get("environment"), "environment"), document)
+    steps_text = text.get("steps") or []
+    steps = [
+        _step(index, item, steps_text[index - 1]) for index, item in enumerate(steps_raw, start=1)
+    ]
+    env = environment(document.get("environment"), "environment", text.get("environment"))
+    return WorkflowSpec(steps, env, document)
 
 
-def _step(index: int, item: Any) -> Step:
+def _step(index: int, item: Any, text: Any) -> Step:
     where = f"steps[{index}]"
-    if not isinstance(item, dict):
+    if not isinstance(item, dict) or not isinstance(text, dict):
         raise WorkflowError(f"{where} must be a mapping with name and command")
-    name = item.get("name", f"step {index}")
-    command = item.get("command")
-    if not isinstance(name, str) or not name.strip():
+    name = _scalar_text(item.get("name"), text.get("name")) or f"step {index}"
+    command = _scalar_text(item.get("command"), text.get("command"))
+    if not name.strip():
         raise WorkflowError(f"{where}.name must be a non-empty string")
-    if not isinstance(command, str) or not command.strip():
+    if command is None or not command.strip():
         raise WorkflowError(f"{where}.command must be a non-empty string")
-    return Step(name, command, environment(item.get("environment"), f"{where}.environment"))
+    env = environment(item.get("environment"), f"{where}.environment", text.get("environment"))
+    return Step(name, command, env)
 
 
-def environment(value: Any, where: str) -> dict[str, str]:
-    """A mapping of variable names to scalar values, as strings."""
+def _scalar_text(value: Any, text: Any) -> str | None:
+    """A scalar as the file wrote it; None when absent or not a scalar."""
+    if value is None or isinstance(value, dict | list) or not isinstance(text, str):
+        return None
+    return text
+
+
+def environment(value: Any, where: str, text: Any = None) -> dict[str, str]:
+    """A mapping of variable names to scalar values, as the file spells them."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise WorkflowError(f"{where} must be a mapping of NAME: value")
+    text = text if isinstance(text, dict) else {}
     result = {}
     for key, item in value.items():
         if not isinstance(key, str) or not _ENV_NAME.match(key):
             raise WorkflowError(f"{where}: {key!r} is not a valid variable name")
         if isinstance(item, dict | list):
             raise WorkflowError(f"{where}.{key} must be a string, number or boolean")
-        if isinstance(item, bool):
-            item = "true" if item else "false"
-        result[key] = "" if item is None else str(item)
+        spelled = text.get(key)
+        if item is None:
+            result[key] = ""
+        elif isinstance(spelled, str):
+            result[key] = spelled
+        else:
+            result[key] = "true" if item is True else "false" if item is False else str(item)
     return result

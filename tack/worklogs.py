@@ -186,4 +186,7 @@ def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
     if end < 0:
         return [], offset
     complete = chunk[: end + 1]
-    return complete.decode("utf-8", errors="replace").splitlines(), offset + len(complete)
+    # Split on newlines only: a line's text may hold U+2028, U+2029 or U+0085,
+    # which str.splitlines would take for line ends.
+    lines = complete[:-1].decode("utf-8", errors="replace").split("\n")
+    return lines, offset + len(complete)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tack import config
-from tack.knots import LoggedKnotSubscriptions
+from tack.intake.knots import LoggedKnotSubscriptions
 from tack.service import Spindle
 
 from .standins import (

@@ -42,12 +42,22 @@ class EventsClient:
         finally:
             self.closed.set()
 
-    def statuses(self, workflow: str | None = None) -> list[str]:
+    def statuses(self, workflow: str | None = None, pipeline: str | None = None) -> list[str]:
+        """Status values in order, of one workflow (and pipeline rkey) or all."""
         return [
             f["event"]["status"]
             for f in self.frames
-            if workflow is None or f["event"]["workflow"] == workflow
+            if f["nsid"] == "sh.tangled.pipeline.status"
+            and (workflow is None or f["event"]["workflow"] == workflow)
+            and (pipeline is None or f["event"]["pipeline"].endswith("/" + pipeline))
         ]
+
+    def pipelines(self) -> list[dict]:
+        """The ``sh.tangled.pipeline`` frames: pipelines tack compiled."""
+        return [f for f in self.frames if f["nsid"] == "sh.tangled.pipeline"]
+
+    def workflow_names(self, index: int = -1) -> list[str]:
+        return [w["name"] for w in self.pipelines()[index]["event"]["workflows"]]
 
     def close(self) -> None:
         self.ws.close()

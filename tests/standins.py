@@ -369,20 +369,32 @@ class KnotStandin(_Droppable):
     under a threaded HTTP server, since git's smart HTTP needs POST.
     """
 
-    def __init__(self, git_root: Path | None = None) -> None:
+    def __init__(
+        self, git_root: Path | None = None, current: bool = False, drain_cap: int | None = None
+    ) -> None:
+        """``current``: speak today's stream (protocol-2026 §5.1): frames carry
+        ``created`` (unix ns). ``drain_cap``: after that many replayed frames,
+        close with 1013 "drain cap reached, reconnect to continue", as a
+        current knot does after 1000 batches."""
         super().__init__()
         self.git_root = git_root
+        self.current = current
+        self.drain_cap = drain_cap
         self._events: list[tuple[int, str]] = []  # (created ns, frame text)
         self.cursors: list[int | None] = []
         self.open_connections = 0
+        self.drain_closes = 0
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                if urlsplit(self.path).path == "/events":
+                path = urlsplit(self.path).path
+                if path == "/events":
                     standin._events_stream(self)
+                elif path == "/xrpc/sh.tangled.repo.getDefaultBranch":
+                    standin._default_branch(self)
                 else:
                     standin._git(self)
 
@@ -403,7 +415,65 @@ class KnotStandin(_Droppable):
         return f"127.0.0.1:{self.port}"
 
     def send(self, rkey: str, nsid: str, event: object) -> None:
-        self.send_raw(json.dumps({"rkey": rkey, "nsid": nsid, "event": event}))
+        with self._cond:
+            created = time.time_ns()
+            frame = {"rkey": rkey, "nsid": nsid, "event": event}
+            if self.current:
+                frame["created"] = created
+            self._events.append((created, json.dumps(frame)))
+            self._cond.notify_all()
+
+    def send_ref_update(
+        self,
+        repo_did: str,
+        new_sha: str,
+        *,
+        ref: str = "refs/heads/main",
+        old_sha: str = "0" * 40,
+        owner: str = OWNER,
+        committer: str = OWNER,
+        changed_files: list[str] | None = None,
+        push_options: list[str] | None = None,
+        rkey: str | None = None,
+    ) -> str:
+        """A push as a current knot announces it (protocol-2026 §5.2); its rkey."""
+        rkey = rkey or tid_now()
+        event: dict = {
+            "$type": "",
+            "ref": ref,
+            "committerDid": committer,
+            "ownerDid": owner,
+            "repo": repo_did,
+            "oldSha": old_sha,
+            "newSha": new_sha,
+            "meta": None
+            if new_sha == "0" * 40
+            else {"isDefaultRef": ref == "refs/heads/main", "commitCount": {"byEmail": []}},
+        }
+        if new_sha != "0" * 40:
+            event["changedFiles"] = changed_files or []
+        if push_options is not None:
+            event["pushOptions"] = push_options
+        self.send(rkey, "sh.tangled.git.refUpdate", event)
+        return rkey
+
+    def _default_branch(self, handler: BaseHTTPRequestHandler) -> None:
+        """``sh.tangled.repo.getDefaultBranch``: the bare repository's HEAD branch."""
+        repo = parse_qs(urlsplit(handler.path).query).get("repo", [""])[0]
+        head = subprocess.run(
+            ["git", "symbolic-ref", "--short", "HEAD"],
+            cwd=(self.git_root or Path("/nonexistent")) / repo,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        ok = head.returncode == 0
+        body = json.dumps({"name": head.stdout.strip()} if ok else {"error": "RepoNotFound"})
+        handler.send_response(200 if ok else 404)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body.encode())
 
     def send_pipeline(self, record: dict, rkey: str | None = None) -> str:
         rkey = rkey or tid_now()
@@ -440,7 +510,15 @@ class KnotStandin(_Droppable):
             if cursor is not None:
                 while index < len(self._events) and self._events[index][0] <= cursor:
                     index += 1
+            backlog_end = len(self._events)
         try:
+            if self.drain_cap is not None and backlog_end - index > self.drain_cap:
+                for _, frame in self._events[index : index + self.drain_cap]:
+                    protocol.send_text(frame.encode())
+                protocol.send_close(1013, "drain cap reached, reconnect to continue")
+                sock.sendall(b"".join(protocol.data_to_send()))
+                self.drain_closes += 1
+                return
             while True:
                 with self._cond:
                     while self._generation == generation and index >= len(self._events):
@@ -534,3 +612,63 @@ def make_git_repo(root: Path, owner: str, name: str, files: dict[str, str]) -> s
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     subprocess.run(["git", "config", "uploadpack.allowAnySHA1InWant", "true"], cwd=bare, check=True)
     return sha
+
+
+class GitRepo:
+    """A repository served by a knot stand-in at ``<git_root>/<path>`` (a repo DID
+    today, ``owner/name`` before), configured as a knot's is for a spindle's
+    partial fetches; commits are made in a work tree and pushed to it."""
+
+    GIT = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com"]
+
+    def __init__(self, git_root: Path, path: str, files: dict[str, str]) -> None:
+        self.work = git_root / "_work" / path.replace(":", "_").replace("/", "_")
+        self.bare = git_root / path
+        self.work.mkdir(parents=True)
+        self._git("init", "-q", "-b", "main", ".")
+        self.bare.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(self.bare)], check=True)
+        for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
+            subprocess.run(["git", "config", key, "true"], cwd=self.bare, check=True)
+        self._git("remote", "add", "origin", str(self.bare))
+        self.first = self.commit(files)
+
+    def _git(self, *args: str) -> str:
+        result = subprocess.run(
+            [*self.GIT, *args], cwd=self.work, check=True, capture_output=True, text=True
+        )
+        return result.stdout.strip()
+
+    def commit(
+        self, files: dict[str, str | None], branch: str = "main", message: str = "change"
+    ) -> str:
+        """Write (or, for None, delete) ``files`` on ``branch``, push; the new sha."""
+        if self._git("rev-parse", "--all"):  # past the first commit
+            exists = bool(self._git("branch", "--list", branch))
+            self._git("checkout", "-q", *([] if exists else ["-b"]), branch)
+        for name, content in files.items():
+            target = self.work / name
+            if content is None:
+                target.unlink()
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        self._git("add", "-A")
+        self._git("commit", "-q", "--allow-empty", "-m", message)
+        self._git("push", "-q", "origin", branch)
+        return self._git("rev-parse", "HEAD")
+
+    def tag(self, name: str) -> str:
+        self._git("tag", name)
+        self._git("push", "-q", "origin", name)
+        return self._git("rev-parse", "HEAD")
+
+    def format_patch(self, base: str, head: str) -> bytes:
+        """``git format-patch`` text of base..head, as a pull request round holds it."""
+        result = subprocess.run(
+            [*self.GIT, "format-patch", "--stdout", f"{base}..{head}"],
+            cwd=self.work,
+            check=True,
+            capture_output=True,
+        )
+        return result.stdout

@@ -280,7 +280,7 @@ def test_secrets_are_masked_in_every_form(tmp_path):
         pipeline=record,
         workflow={"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}},
         spec=parse(raw),
-        env=tangled_env(record, "at://x", "hello", True),
+        env=tangled_env(record, "at://x", True),
         secrets={"TOKEN": secret},
         cancel=threading.Event(),
     )

@@ -225,7 +225,13 @@ def test_identity_events_and_other_collections_are_ignored(jetstream, make_spind
 def test_subscription_asks_for_exactly_our_collections(jetstream, make_spindle, clock):
     spindle = make_spindle()
     send_and_wait(jetstream, spindle, commit(clock, OWNER, MEMBER, "m1", "create", member(ALICE)))
-    assert jetstream.subscriptions[0].wanted == [MEMBER, REPO, COLLABORATOR]
+    assert jetstream.subscriptions[0].wanted == [
+        MEMBER,
+        REPO,
+        COLLABORATOR,
+        "sh.tangled.repo.pull",
+        "sh.tangled.repo.pull.status",
+    ]
     assert jetstream.subscriptions[0].cursor is None  # first start: no cursor yet
 
 

@@ -3,132 +3,25 @@ local did:web host, and tack deciding who may do what."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
 import sqlite3
 import stat
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from atproto_crypto.did import format_multikey
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from .identities import SPINDLE_DID, DocumentHost, Identity
 from .spindle_clients import EventsClient, read_log
-from .standins import COLLABORATOR, HOSTNAME, OWNER, collaborator, commit, push_pipeline, wait_until
+from .standins import COLLABORATOR, OWNER, collaborator, commit, push_pipeline, wait_until
 
 ALICE = "did:plc:alice"  # a collaborator the owner added
 BOB = "did:plc:bob"  # not related to the repo
 CAROL = "did:plc:carol"  # "granted" by Bob, who does not own the repo
-SPINDLE_DID = f"did:web:{HOSTNAME}"
-ORDERS = {
-    "ES256K": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
-    "ES256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-}
-
-
-class Identity:
-    """A DID with a freshly generated signing key, able to mint service-auth JWTs."""
-
-    def __init__(self, did: str, alg: str = "ES256K") -> None:
-        self.did = did
-        self.alg = alg
-        curve = ec.SECP256K1() if alg == "ES256K" else ec.SECP256R1()
-        self.key = ec.generate_private_key(curve)
-
-    def document(self) -> dict:
-        public = self.key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
-        )
-        return {
-            "@context": ["https://www.w3.org/ns/did/v1"],
-            "id": self.did,
-            "verificationMethod": [
-                {
-                    "id": f"{self.did}#atproto",
-                    "type": "Multikey",
-                    "controller": self.did,
-                    "publicKeyMultibase": format_multikey(self.alg, public),
-                }
-            ],
-        }
-
-    def token(self, lxm: str | None, aud: str = SPINDLE_DID, exp_in: float = 60, key=None) -> str:
-        header = {"alg": self.alg, "typ": "JWT"}
-        payload = {
-            "iss": self.did,
-            "aud": aud,
-            "iat": int(time.time()),
-            "exp": int(time.time() + exp_in),
-        }
-        if lxm:
-            payload["lxm"] = lxm
-        signing_input = f"{_b64(json.dumps(header))}.{_b64(json.dumps(payload))}"
-        der = (key or self.key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        order = ORDERS[self.alg]
-        s = min(s, order - s)  # atproto requires low-S signatures
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return f"{signing_input}.{_b64(signature)}"
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-class DocumentHost:
-    """Serves DID documents: as a PLC directory (``GET /<did>``) and as a did:web
-    host (``GET /.well-known/did.json``)."""
-
-    def __init__(self) -> None:
-        self.documents: dict[str, dict] = {}
-        self.web_document: dict | None = None
-        self.web_redirect: str | None = None
-        self.requests = 0
-        host = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                host.requests += 1
-                if self.path == "/.well-known/did.json" and host.web_redirect:
-                    self.send_response(302)
-                    self.send_header("Location", host.web_redirect)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.path == "/.well-known/did.json":
-                    doc = host.web_document
-                else:
-                    doc = host.documents.get(self.path.lstrip("/"))
-                body = json.dumps(doc or {"message": "DID not registered"}).encode()
-                self.send_response(200 if doc else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def register(self, identity: Identity) -> Identity:
-        self.documents[identity.did] = identity.document()
-        return identity
 
 
 @pytest.fixture
@@ -379,12 +272,12 @@ def test_secrets_survive_a_key_rotation(tmp_path):
 
 def test_did_web_fetch_refuses_private_addresses_redirects_and_oversized_documents(plc):
     from tack.auth import MAX_DID_DOCUMENT, fetch_did_document
-    from tack.knots import KnotRefused
+    from tack.net import HostRefused
 
     # The name check runs before this (see the did:web cases above); this is
     # the address check behind it: localhost resolves to loopback, refused
     # outside dev mode before any connection is made.
-    with pytest.raises(KnotRefused, match="non-public"):
+    with pytest.raises(HostRefused, match="non-public"):
         fetch_did_document("https://localhost:1/.well-known/did.json", dev=False, timeout=2)
     url = f"{plc.url}/.well-known/did.json"
     identity = Identity(f"did:web:127.0.0.1%3A{plc.port}")

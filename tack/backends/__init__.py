@@ -35,7 +35,7 @@ from ..worklogs import WorkflowLog
 from .options import Options
 
 if TYPE_CHECKING:
-    from ..callbacks import CallbackHub
+    from ..api.callbacks import CallbackHub
 
 
 @dataclass

@@ -48,6 +48,16 @@ def outcome_of(result: process.Finished, what: str, timeout: float) -> Outcome |
     return None
 
 
+def clone_target(record: dict) -> str:
+    """What the clone fetches: the pipeline's commit; a manual run without
+    one takes the default branch, or the remote's HEAD when none is known."""
+    sha = commit_sha(record)
+    if sha:
+        return sha
+    branch = record["triggerMetadata"]["repo"].get("defaultBranch")
+    return f"refs/heads/{branch}" if branch else "HEAD"
+
+
 class ShellBackend(Backend):
     type_name = "shell"
 
@@ -95,8 +105,7 @@ class ShellBackend(Backend):
 
     def _clone(self, job: Job, log: WorkflowLog, home: Path, checkout: Path, deadline: float):
         clone = job.workflow.get("clone", {})
-        trigger = job.pipeline["triggerMetadata"]
-        target = commit_sha(job.pipeline) or f"refs/heads/{trigger['repo']['defaultBranch']}"
+        target = clone_target(job.pipeline)
         # Protocol §2: "--depth=<depth or 1>"; a zero depth is the default, not
         # a full clone, so a workflow behaves here as on the official spindle.
         fetch = ["git", "fetch", f"--depth={clone.get('depth') or 1}"]

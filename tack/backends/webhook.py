@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from .. import logs
-from ..callbacks import LAST_SEQ, PREFIX, Channel, token_hash
+from ..api.callbacks import LAST_SEQ, PREFIX, Channel, token_hash
 from ..store import Workflow
 from ..worklogs import SYSTEM_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome

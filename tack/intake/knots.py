@@ -8,21 +8,17 @@ return at once and do their connecting on threads of their own.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
 
-from . import logs
-from .config import is_hostname
-from .stream import Backoff, Follower
+from .. import logs
+from ..net import HostRefused, open_vetted_socket, vet_host
+from ..stream import Backoff, Follower
 
 if TYPE_CHECKING:
-    from .intake import Intake
+    from .knot_frames import KnotIntake
 
 log = logs.get("knots")
 
@@ -52,72 +48,17 @@ class LoggedKnotSubscriptions:
 
 # --- the consumer ---------------------------------------------------------------
 
-# Knot cursors are the knot's own clock (from the TIDs of what we processed);
-# resume this far back so events stamped slightly out of order are not lost.
-# Replays cost nothing: accepted pipelines are deduplicated on (knot, rkey).
+# Knot cursors are the knot's own clock: the ``created`` (unix ns) of the last
+# frame processed (older knots: the time in its TID rkey). A restart resumes
+# this far back, and so does any reconnect to a knot whose frames carry no
+# ``created`` (TIDs may be stamped slightly out of order); replays cost
+# nothing, since each knot event is taken in once (knot, rkey). A reconnect
+# to a knot that sends ``created`` (strictly increasing) resumes exactly
+# there: after a drain-cap close (1013) a rewind would replay the same
+# capped window forever.
 REWIND_NS = 60 * 1_000_000_000
 # Save the cursor at most this often per knot (and always on disconnect).
 CURSOR_SAVE_SECONDS = 1.0
-
-
-class KnotRefused(Exception):
-    """A knot tack will not connect to (bad name, private address): permanent."""
-
-
-def vet_knot(knot: str, dev: bool) -> None:
-    """Raise KnotRefused unless ``knot`` is a ``hostname[:port]`` we may contact."""
-    if not is_hostname(knot):
-        raise KnotRefused("not a hostname[:port]")
-    if dev:
-        return
-    host = knot.rsplit(":", 1)[0] if ":" in knot else knot
-    if _is_ip_literal(host):
-        raise KnotRefused("IP literals are refused outside dev mode")
-    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
-        raise KnotRefused("local names are refused outside dev mode")
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.socket:
-    """Resolve, refuse non-public addresses (outside dev), connect, and do TLS
-    (for ``wss://`` and ``https://``). Knot streams and did:web fetches use it.
-
-    Connecting to the very address that was checked closes the gap a second
-    DNS lookup (rebinding) would open.
-    """
-    parts = urlsplit(url)
-    host, secure = parts.hostname or "", parts.scheme in ("wss", "https")
-    port = parts.port or (443 if secure else 80)
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = [info for info in infos if dev or ipaddress.ip_address(info[4][0]).is_global]
-    if not addresses:
-        raise KnotRefused(f"{host} resolves only to non-public addresses")
-    error: OSError | None = None
-    for family, kind, proto, _, address in addresses:  # as create_connection: each in turn
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        try:
-            if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    assert error is not None
-    raise error
 
 
 class _KnotStream:
@@ -128,6 +69,8 @@ class _KnotStream:
         self._consumer = consumer
         self._cursor_name = f"knot:{knot}"
         self._cursor_ns: int | None = None
+        self._rewind_ns = REWIND_NS  # for the next connection
+        self._exact = False  # the cursor came from a frame's ``created``
         self._saved_at = 0.0
         self._dirty = False
         self.stop = threading.Event()
@@ -139,7 +82,7 @@ class _KnotStream:
             backoff=consumer.backoff,
             ids={"knot": knot},
             open_socket=lambda url: open_vetted_socket(url, consumer.dev),
-            give_up_on=(KnotRefused,),
+            give_up_on=(HostRefused,),
             on_disconnect=self._save_cursor,
         )
         self.thread = threading.Thread(target=self._run, name=f"knot-{knot}", daemon=True)
@@ -152,19 +95,24 @@ class _KnotStream:
         if self._cursor_ns is None:
             self._cursor_ns = self._consumer.read_cursor(self._cursor_name)
             if self._cursor_ns is None:
-                # A knot new to us: from now (the knot would otherwise replay
-                # its whole history), kept so a restart resumes from here.
+                # A knot new to us: from now. Today's knots take a missing
+                # cursor as "from the beginning" and would replay their whole
+                # history into pipelines. Kept so a restart resumes from here.
                 self._cursor_ns = time.time_ns()
+                self._rewind_ns = 0  # "now" means now: nothing before it was ours
                 self._dirty = True
                 self._save_cursor()
         scheme = "ws" if self._consumer.dev else "wss"
-        return f"{scheme}://{self.knot}/events?cursor={max(self._cursor_ns - REWIND_NS, 0)}"
+        cursor = max(self._cursor_ns - self._rewind_ns, 0)
+        self._rewind_ns = 0 if self._exact else REWIND_NS
+        return f"{scheme}://{self.knot}/events?cursor={cursor}"
 
     def _on_frame(self, frame: str | bytes) -> None:
-        knot_micros = self._consumer.intake.handle(self.knot, frame)
-        if knot_micros is None:
+        position = self._consumer.intake.handle(self.knot, frame)
+        if position is None:
             return
-        cursor = knot_micros * 1000
+        cursor, self._exact = position
+        self._rewind_ns = 0 if self._exact else REWIND_NS
         if self._cursor_ns is None or cursor > self._cursor_ns:
             self._cursor_ns = cursor
             self._dirty = True
@@ -189,7 +137,7 @@ class KnotConsumer:
 
     def __init__(
         self,
-        intake: Intake,
+        intake: KnotIntake,
         *,
         dev: bool,
         backoff: Backoff,
@@ -212,8 +160,8 @@ class KnotConsumer:
 
     def add_knot(self, knot: str) -> None:
         try:
-            vet_knot(knot, self.dev)
-        except KnotRefused as exc:
+            vet_host(knot, self.dev)
+        except HostRefused as exc:
             if knot not in self._refused:  # once per knot, not per repo record
                 self._refused.add(knot)
                 log.warning("knot refused", extra={"knot": knot, "reason": str(exc)})

@@ -22,10 +22,10 @@ import threading
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from . import logs, retry
-from .statuses import FINAL, RUNNING, StatusLog
-from .store import Workflow, merge_backend_state
-from .worklogs import MAX_CONTENT, USER_STEP, WorkflowLog
+from .. import logs, retry
+from ..statuses import FINAL, RUNNING, StatusLog
+from ..store import Workflow, merge_backend_state
+from ..worklogs import MAX_CONTENT, USER_STEP, WorkflowLog
 
 if TYPE_CHECKING:
     from .server import Handler

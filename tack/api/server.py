@@ -23,19 +23,19 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
 from wsproto.frame_protocol import FrameProtocol
 
-from . import __version__, logs
-from .config import is_hostname
-from .pipelines import is_workflow_name
-from .records import is_rkey
-from .statuses import FINAL, StatusLog
-from .store import Workflow
-from .worklogs import LogBook, read_lines
+from .. import __version__, logs
+from ..config import is_hostname
+from ..pipelines import is_workflow_name
+from ..records import is_rkey
+from ..statuses import FINAL, StatusLog
+from ..store import Workflow
+from ..worklogs import LogBook, read_lines
 
 log = logs.get("server")
 
@@ -290,6 +290,11 @@ def encode_text_frame(text: str) -> bytes:
         return bytes(_encoder.send_data(text, fin=True))
 
 
+def encode_binary_frame(data: bytes) -> bytes:
+    with _encoder_lock:
+        return bytes(_encoder.send_data(data, fin=True))
+
+
 def encode_text_frames(texts: list[str]) -> bytes:
     return b"".join(encode_text_frame(text) for text in texts)
 
@@ -429,6 +434,7 @@ class App:
         self.get_routes: dict[str, Route] = {
             "/": self.banner,
             "/xrpc/sh.tangled.owner": self.owner_route,
+            "/.well-known/did.json": self.did_document,
             "/events": self.events,
         }
         self.post_routes: dict[str, Route] = {}
@@ -448,6 +454,25 @@ class App:
 
     def owner_route(self, handler: Handler, query: dict) -> None:
         handler.send_json(HTTPStatus.OK, {"owner": self.owner})
+
+    def did_document(self, handler: Handler, query: dict) -> None:
+        """This spindle's did:web document, naming its ``#tangled_spindle``
+        service, so a PDS can proxy calls to it (protocol-2026 §7)."""
+        did = "did:web:" + self.hostname.replace(":", "%3A")
+        handler.send_json(
+            HTTPStatus.OK,
+            {
+                "@context": ["https://www.w3.org/ns/did/v1"],
+                "id": did,
+                "service": [
+                    {
+                        "id": "#tangled_spindle",
+                        "type": "TangledSpindle",
+                        "serviceEndpoint": f"https://{self.hostname}",
+                    }
+                ],
+            },
+        )
 
     # --- /events ------------------------------------------------------------------------
 
@@ -483,7 +508,7 @@ class App:
     # --- /logs/<knot>/<rkey>/<workflow> ---------------------------------------------------
 
     def logs(self, handler: Handler, query: dict) -> None:
-        parts = urlsplit(handler.path).path.split("/")
+        parts = [unquote(part) for part in urlsplit(handler.path).path.split("/")]
         if len(parts) != 5 or not (
             is_hostname(parts[2]) and is_rkey(parts[3]) and is_workflow_name(parts[4])
         ):
@@ -500,7 +525,8 @@ class App:
         if ws is None:
             return
         if workflow is None:
-            ws.close(1008, "unknown workflow")
+            # As the official spindle: a clean close, so no client retries forever.
+            ws.close(1000, "unknown workflow")
             return
         self._follow_log(ws, workflow.id)
 

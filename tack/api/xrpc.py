@@ -10,14 +10,15 @@ PDS round trip). Bodies are size-limited and type-checked; errors are
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import logs
-from .auth import AuthError, ServiceAuth
-from .scheduler import Scheduler
-from .secrets import KEY_RE, MAX_KEY, MAX_VALUE, DuplicateSecret, SecretStore
-from .store import Directory, Pipeline, Repo, Workflow
+from .. import logs
+from ..auth import AuthError, ServiceAuth
+from ..scheduler import Scheduler
+from ..secrets import KEY_RE, MAX_KEY, MAX_VALUE, DuplicateSecret, SecretStore
+from ..store import Directory, Pipeline, Repo, Workflow
 
 if TYPE_CHECKING:
     from .server import Handler
@@ -40,6 +41,59 @@ class XrpcError(Exception):
         self.name = name
 
 
+Implementation = Callable[[str | None, dict], Any]
+
+
+def xrpc_route(
+    implementation: Implementation,
+    verb: str,
+    auth: ServiceAuth | None,
+    *,
+    require_lxm: bool = False,
+    repeated: frozenset[str] = frozenset(),
+    max_body: int = MAX_BODY,
+):
+    """A route for one XRPC method: parameters or body in, JSON (or an
+    ``{"error", "message"}`` body) out.
+
+    ``auth`` None: a public query, ``caller`` is None. Otherwise the token is
+    checked before the method runs. Query parameters named in ``repeated``
+    arrive as lists, the others as their first value. ``implementation``
+    returns the output object, or None for an empty 200.
+    """
+
+    def route(handler: Handler, query: dict) -> None:
+        nsid = handler.path.split("?", 1)[0].removeprefix("/xrpc/")
+        try:
+            # The body is read (size-limited) before anything else, so an
+            # early refusal never leaves it on a kept-alive connection.
+            if verb == "POST":
+                params = handler.read_json(max_body)
+                if params is None:
+                    return  # read_json answered already
+                if not isinstance(params, dict):
+                    raise XrpcError(400, "InvalidRequest", "body must be a JSON object")
+            else:
+                params = {k: (v if k in repeated else v[0]) for k, v in query.items() if v}
+            caller = None
+            if auth is not None:
+                caller = auth.caller(handler.headers.get("Authorization"), nsid, require_lxm)
+            result = implementation(caller, params)
+        except AuthError as exc:
+            send_error(handler, XrpcError(401, "AuthenticationRequired", str(exc)))
+            return
+        except XrpcError as exc:
+            log.info("xrpc refused", extra={"method": nsid, "error": exc.name, "reason": str(exc)})
+            send_error(handler, exc)
+            return
+        if result is None:
+            handler.send_body(HTTPStatus.OK, b"", "application/json")
+        else:
+            handler.send_json(HTTPStatus.OK, result)
+
+    return route
+
+
 class Xrpc:
     def __init__(
         self, auth: ServiceAuth, directory: Directory, secrets: SecretStore, scheduler: Scheduler
@@ -60,33 +114,7 @@ class Xrpc:
         return get, post
 
     def _method(self, implementation, verb: str):
-        def route(handler: Handler, query: dict) -> None:
-            nsid = handler.path.split("?", 1)[0].removeprefix("/xrpc/")
-            try:
-                # The body is read (size-limited) before anything else, so an
-                # early refusal never leaves it on a kept-alive connection.
-                if verb == "POST":
-                    params = handler.read_json(MAX_BODY)
-                    if params is None:
-                        return  # read_json answered already
-                    if not isinstance(params, dict):
-                        raise XrpcError(400, "InvalidRequest", "body must be a JSON object")
-                else:
-                    params = {k: v[0] for k, v in query.items() if v}
-                caller = self._auth.caller(handler.headers.get("Authorization"), nsid)
-                result = implementation(caller, params)
-            except AuthError as exc:
-                _send_error(handler, XrpcError(401, "AuthenticationRequired", str(exc)))
-                return
-            except XrpcError as exc:
-                log.info(
-                    "xrpc refused", extra={"method": nsid, "error": exc.name, "reason": str(exc)}
-                )
-                _send_error(handler, exc)
-                return
-            handler.send_json(HTTPStatus.OK, result)
-
-        return route
+        return xrpc_route(implementation, verb, self._auth)
 
     # --- methods --------------------------------------------------------------------
 
@@ -174,5 +202,5 @@ def _key(params: dict) -> str:
     return key
 
 
-def _send_error(handler: Handler, error: XrpcError) -> None:
+def send_error(handler: Handler, error: XrpcError) -> None:
     handler.send_json(error.status, {"error": error.name, "message": str(error)})

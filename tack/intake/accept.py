@@ -1,0 +1,217 @@
+"""Accepting a pipeline: the one transaction every intake path ends in.
+
+Ref updates, older knots' compiled pipelines, pull requests and
+``triggerPipeline`` all hand over a ``NewPipeline``. Acceptance writes, in one
+transaction: the dedupe marks (the knot event, the push), the pipeline row
+with its id, its workflow rows, the pipeline's announcement on ``/events``
+(for pipelines tack compiled) and each workflow's first status. A knot that
+replays, or a tack that restarts between accepting and saving a cursor, finds
+the marks and nothing runs twice (invariant 3). A workflow that cannot run
+(a file that did not parse, an engine with no backend) is failed here, with
+its reason in its log, and its siblings still run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import logs, pipelines, retry
+from ..backends import Backends
+from ..statuses import NEW, PENDING, StatusLog
+from ..store import KnotEvent, Pipeline, PullTrigger, Repo, Workflow
+from ..worklogs import LogBook
+from .compiler import CompiledWorkflow
+
+log = logs.get("intake")
+
+# A push seen again within this window (another frame for the same push) is
+# the same push; outside it, the same old→new move is a new push.
+PUSH_DEDUPE_NS = 3600 * 1_000_000_000
+
+
+@dataclass
+class NewPipeline:
+    knot: str
+    repo: Repo
+    record: dict  # the sh.tangled.pipeline record, workflows included
+    workflows: list[CompiledWorkflow]
+    rkey: str | None = None  # the knot's rkey (older knots); None: tack mints a TID
+    knot_event: tuple[str, str] | None = None  # (knot, rkey) this came from, if any
+    # The push this came from, as "<frame kind>|<push>": a pipeline whose key
+    # names the same push from the other kind of frame makes this a duplicate.
+    push_key: str | None = None
+    pull_trigger_id: int | None = None  # the queued pull request event it consumes
+    ids: dict = field(default_factory=dict)
+
+    @property
+    def repo_did(self) -> str:
+        return self.repo.repo_did or self.repo.did
+
+
+PUSH_SOURCES = ("refUpdate", "pipeline")
+
+
+def push_key(source: str, knot: str, repo_path: str, push: dict) -> str:
+    """Names one push as one kind of frame (``PUSH_SOURCES``) announced it."""
+    return f"{source}|{knot}|{repo_path}|{push['ref']}|{push['oldSha']}|{push['newSha']}"
+
+
+class Acceptor:
+    def __init__(
+        self,
+        statuses: StatusLog,
+        logbook: LogBook,
+        backends: Backends,
+        on_accepted: Callable[[], None],
+        stop: threading.Event,
+    ) -> None:
+        self._statuses = statuses
+        self._logbook = logbook
+        self._backends = backends
+        self._on_accepted = on_accepted
+        self._stop = stop
+
+    def seen(self, knot: str, rkey: str) -> bool:
+        """This knot event was taken in before (a replay)."""
+        event = (KnotEvent.knot == knot) & (KnotEvent.rkey == rkey)
+        return KnotEvent.select().where(event).exists()
+
+    def mark_seen(self, knot: str, rkey: str) -> None:
+        """Remember a knot event that made no pipeline (nothing to run), so a
+        replay does not fetch its workflows again."""
+        retry.store_writes(self._stop, log, "store busy, retrying")(
+            lambda: KnotEvent.insert(knot=knot, rkey=rkey).on_conflict_ignore().execute()
+        )
+
+    def accept(self, new: NewPipeline) -> str | None:
+        """Accept ``new``; its pipeline rkey, or None when it was accepted before."""
+        rkey = retry.store_writes(self._stop, log, "store busy, retrying intake")(self._write, new)
+        if rkey is None:
+            log.info("pipeline already accepted, replay ignored", extra=new.ids)
+            return None
+        log.info(
+            "pipeline accepted",
+            extra={
+                **new.ids,
+                "pipeline": rkey,
+                "did": new.repo.did,
+                "repo_did": new.repo_did,
+                "kind": new.record["triggerMetadata"]["kind"],
+                "workflows": [w.name for w in new.workflows],
+            },
+        )
+        self._on_accepted()
+        return rkey
+
+    def _write(self, new: NewPipeline) -> str | None:
+        now = time.time_ns()
+        with self._statuses.writing() as statuses:
+            if self._duplicate(new, now):
+                return None
+            if new.rkey is None:
+                created, rkey = statuses.mint()
+            else:
+                created, rkey = now, new.rkey
+            Pipeline.insert(
+                knot=new.knot,
+                rkey=rkey,
+                repo_owner=new.repo.did,
+                repo_name=new.repo.name or new.repo.rkey,
+                record=json.dumps(new.record),
+                accepted_at=created,
+                repo_did=new.repo_did,
+                kind=new.record["triggerMetadata"]["kind"],
+                sha=pipelines.commit_sha(new.record),
+                push_key=new.push_key,
+            ).execute()
+            rows = [self._workflow_row(new.knot, rkey, w, now) for w in new.workflows]
+            if new.rkey is None:
+                statuses.append_pipeline(created, rkey, rows[0].id, new.record)
+            for row, compiled in zip(rows, new.workflows, strict=True):
+                self._announce(statuses, row, compiled)
+        return rkey
+
+    def _duplicate(self, new: NewPipeline, now: int) -> bool:
+        """Marks this pipeline's sources as used; True if one already was."""
+        if new.pull_trigger_id is not None:
+            taken = PullTrigger.delete().where(PullTrigger.id == new.pull_trigger_id).execute()
+            if not taken:
+                return True
+        if new.knot_event is not None:
+            knot, rkey = new.knot_event
+            if not KnotEvent.insert(knot=knot, rkey=rkey).on_conflict_ignore().execute():
+                return True
+            if self.seen_pipeline(knot, rkey):
+                return True
+        if new.push_key is not None:
+            # Knots of early 2026 announce a push twice, as a ref update and as
+            # a compiled pipeline: whichever comes second finds the first.
+            source, _, push = new.push_key.partition("|")
+            twins = [f"{other}|{push}" for other in PUSH_SOURCES if other != source]
+            recent = Pipeline.select().where(
+                Pipeline.push_key.in_(twins) & (Pipeline.accepted_at > now - PUSH_DEDUPE_NS)
+            )
+            if recent.exists():
+                log.info("push already has a pipeline, frame ignored", extra=new.ids)
+                return True
+        return False
+
+    @staticmethod
+    def seen_pipeline(knot: str, rkey: str) -> bool:
+        return Pipeline.select().where((Pipeline.knot == knot) & (Pipeline.rkey == rkey)).exists()
+
+    @staticmethod
+    def _workflow_row(knot: str, rkey: str, compiled: CompiledWorkflow, now: int) -> Workflow:
+        return Workflow.create(
+            knot=knot,
+            rkey=rkey,
+            name=compiled.name,
+            engine=compiled.engine,
+            status=NEW,
+            created_at=now,
+            updated_at=now,
+        )
+
+    def _announce(self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow) -> None:
+        error = compiled.error
+        if error is None and self._backends.resolve(compiled.engine) is None:
+            error = f'unknown engine "{compiled.engine}"'
+        if error is None:
+            statuses.append(row, PENDING)
+            return
+        # Written before the status commits, so a log reader that sees the
+        # final status has already been able to read this line.
+        workflow_log = self._logbook.open(row.id, fresh=True)
+        try:
+            workflow_log.error(error, "workflow file" if compiled.error else "error")
+        finally:
+            workflow_log.close()
+        statuses.append(row, "failed", error=error)
+
+
+def pipeline_record(
+    knot: str,
+    repo: Repo,
+    kind: str,
+    data: dict,
+    default_branch: str,
+    workflows: list[CompiledWorkflow],
+) -> dict:
+    """The ``sh.tangled.pipeline`` record tack compiles, as the official spindle
+    does (protocol-2026 §5.3 step 6)."""
+    trigger_repo = {"knot": knot, "did": repo.did, "repo": repo.name or repo.rkey}
+    if repo.repo_did:
+        trigger_repo["repoDid"] = repo.repo_did
+    trigger_repo["defaultBranch"] = default_branch
+    return {
+        "triggerMetadata": {
+            "kind": kind,
+            "repo": trigger_repo,
+            pipelines.TRIGGER_KEYS[kind]: data,
+        },
+        "workflows": [w.entry() for w in workflows],
+    }

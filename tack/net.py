@@ -1,0 +1,123 @@
+"""Vetted network access: the one way tack reaches a host named by untrusted input.
+
+Knots, did:web hosts and PDSes are named in records anyone can write. Outside
+dev mode tack refuses IP literals and local names, resolves the name itself,
+keeps only public addresses, and connects to the very address it checked, so
+a second DNS lookup (rebinding) cannot steer it into the operator's network.
+Everything fetched has a size cap and a deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import socket
+import ssl
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import is_hostname
+
+
+class HostRefused(Exception):
+    """A host tack will not connect to (bad name, private address): permanent."""
+
+
+def vet_host(host_port: str, dev: bool) -> None:
+    """Raise HostRefused unless ``host_port`` is a ``hostname[:port]`` we may contact."""
+    if not is_hostname(host_port):
+        raise HostRefused("not a hostname[:port]")
+    if dev:
+        return
+    host = host_port.rsplit(":", 1)[0] if ":" in host_port else host_port
+    if _is_ip_literal(host):
+        raise HostRefused("IP literals are refused outside dev mode")
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        raise HostRefused("local names are refused outside dev mode")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def vetted_addresses(host: str, port: int, dev: bool) -> list[tuple]:
+    """getaddrinfo results tack may connect to: all in dev mode, else public ones."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [info for info in infos if dev or ipaddress.ip_address(info[4][0]).is_global]
+    if not addresses:
+        raise HostRefused(f"{host} resolves only to non-public addresses")
+    return addresses
+
+
+def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.socket:
+    """Resolve, refuse non-public addresses (outside dev), connect, and do TLS
+    (for ``wss://`` and ``https://``)."""
+    parts = urlsplit(url)
+    host, secure = parts.hostname or "", parts.scheme in ("wss", "https")
+    port = parts.port or (443 if secure else 80)
+    error: OSError | None = None
+    for family, kind, proto, _, address in vetted_addresses(host, port, dev):
+        sock = socket.socket(family, kind, proto)  # as create_connection: each in turn
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        try:
+            if secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert error is not None
+    raise error
+
+
+def vetted_get(url: str, dev: bool, timeout: float, max_bytes: int) -> bytes:
+    """GET ``url`` over a vetted connection: no redirects (one could point
+    anywhere), at most ``max_bytes``, and one deadline for the whole exchange."""
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    # TLS, when https, is already done on the socket, for this very host name.
+    connection.sock = open_vetted_socket(url, dev, timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("GET", path or "/", headers={"Accept": "application/json, */*"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}")
+        body = bytearray()
+        while len(body) <= max_bytes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout:g}s")
+            chunk = response.read1(64 * 1024)
+            if not chunk:
+                break
+            body += chunk
+    finally:
+        connection.close()
+    if len(body) > max_bytes:
+        raise ValueError(f"answer larger than {max_bytes} bytes")
+    return bytes(body)
+
+
+def vetted_get_json(url: str, dev: bool, timeout: float, max_bytes: int) -> dict[str, Any]:
+    """``vetted_get`` of a JSON object; any malformed answer is a ValueError."""
+    body = vetted_get(url, dev, timeout, max_bytes)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"answer is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError("answer is not a JSON object")
+    return document
