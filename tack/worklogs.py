@@ -174,8 +174,10 @@ def _now() -> str:
     return rfc3339(time.time_ns())
 
 
-def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
-    """Complete lines from ``offset`` on, and the offset after the last one."""
+def read_raw_lines(path: Path, offset: int) -> tuple[list[bytes], int]:
+    """Complete lines (bytes, without the newline) from ``offset`` on, and the
+    offset after the last one. Split on ``\\n`` only: a line's text may hold
+    U+2028, U+2029 or U+0085, which ``str.splitlines`` takes for line ends."""
     try:
         with open(path, "rb") as handle:
             handle.seek(offset)
@@ -185,8 +187,10 @@ def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
     end = chunk.rfind(b"\n")
     if end < 0:
         return [], offset
-    complete = chunk[: end + 1]
-    # Split on newlines only: a line's text may hold U+2028, U+2029 or U+0085,
-    # which str.splitlines would take for line ends.
-    lines = complete[:-1].decode("utf-8", errors="replace").split("\n")
-    return lines, offset + len(complete)
+    return chunk[:end].split(b"\n"), offset + end + 1
+
+
+def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """``read_raw_lines`` as text."""
+    raw, offset = read_raw_lines(path, offset)
+    return [line.decode("utf-8", errors="replace") for line in raw], offset

@@ -560,6 +560,8 @@ class KnotStandin(_Droppable):
             "CONTENT_LENGTH": str(len(body)),
             "REMOTE_ADDR": "127.0.0.1",
             "HTTP_GIT_PROTOCOL": handler.headers.get("Git-Protocol", ""),
+            # git gzips request bodies over 1 KiB; http-backend inflates them.
+            "HTTP_CONTENT_ENCODING": handler.headers.get("Content-Encoding", ""),
         }
         result = subprocess.run(
             ["git", "http-backend"], input=body, env=env, capture_output=True, check=False

@@ -348,6 +348,42 @@ def test_a_dec_2025_knot_still_runs_once_per_push(jetstream, tmp_path, make_spin
         knot.close()
 
 
+def test_a_collaborators_push_runs(served, current_knot):
+    """The knot decides who may push; a push it announces runs whoever pushed."""
+    _, git, client = served
+    current_knot.send_ref_update(REPO_DID, git.first, committer=ALICE)
+    wait_until(lambda: client.statuses("build.yml")[-1:] == ["success"])
+
+
+def test_an_old_knots_manual_run_without_default_branch_clones(
+    jetstream, tmp_path, make_spindle, clock
+):
+    """A manual pipeline with no commit and an empty defaultBranch fetches the
+    remote's HEAD instead of failing with "invalid refspec"."""
+    knot = KnotStandin(git_root=tmp_path / "git")
+    try:
+        GitRepo(knot.git_root, f"{OWNER}/hello", {"README": "hello from HEAD\n"})
+        spindle = make_spindle(real_knots=True)
+        jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+        wait_until(lambda: knot.open_connections == 1)
+        client = EventsClient(spindle.server.port).start()
+        raw = "steps:\n  - name: Read\n    command: cat README\n"
+        record = push_pipeline(knot.name, OWNER, "hello", [("m.yml", "shell", raw)])
+        trigger = record["triggerMetadata"]
+        trigger["kind"], trigger["repo"]["defaultBranch"] = "manual", ""
+        trigger["manual"] = {"inputs": [{"key": "any key", "value": "v"}]}
+        del trigger["push"]
+        record["workflows"][0]["clone"]["skip"] = False
+        rkey = knot.send_pipeline(record)
+        wait_until(lambda: client.statuses("m.yml")[-1:] in (["success"], ["failed"]), timeout=30)
+        log = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/m.yml")
+        data = [line["content"] for line in log.lines if line["kind"] == "data"]
+        assert client.statuses("m.yml")[-1] == "success", data
+        assert "hello from HEAD" in data
+    finally:
+        knot.close()
+
+
 def test_a_record_claiming_a_members_repo_did_changes_nothing(
     served, current_knot, jetstream, clock, caplog
 ):

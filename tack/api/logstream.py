@@ -16,7 +16,6 @@ they are encoded once.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import libipld
+import orjson
 
 from .. import logs
 from ..statuses import FINAL, StatusLog
 from ..store import Workflow
-from ..worklogs import SYSTEM_STEP, LogBook, read_lines
+from ..worklogs import SYSTEM_STEP, LogBook, read_raw_lines
 from . import view
 from .server import ClientGone, ServerWebSocket, encode_binary_frame
 
@@ -45,11 +45,11 @@ _TID = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
 MAX_WORKFLOW_PARAMS = 50
 
 
-def encode_line(line: str, workflow: str) -> bytes | None:
+def encode_line(line: bytes, workflow: str) -> bytes | None:
     """One tack log line (JSON) as header + body; None for a line that is not
     one of ours (a torn or foreign line is skipped, never sent half)."""
     try:
-        entry = json.loads(line)
+        entry = orjson.loads(line)
         if entry["kind"] == "control":
             body = {
                 "time": entry["time"],
@@ -70,7 +70,7 @@ def encode_line(line: str, workflow: str) -> bytes | None:
             "stream": entry.get("stream", "stdout"),
         }
         return DATA_HEADER + libipld.encode_dag_cbor(body)
-    except (ValueError, KeyError, TypeError):
+    except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
 
 
@@ -151,7 +151,7 @@ class PipelineLogStream:
     def _send_new_lines(ws: ServerWebSocket, follows: list[_Follow]) -> bool:
         sent = False
         for follow in follows:
-            lines, follow.offset = read_lines(follow.path, follow.offset)
+            lines, follow.offset = read_raw_lines(follow.path, follow.offset)
             frames = [encode_line(line, follow.name) for line in lines]
             data = b"".join(encode_binary_frame(frame) for frame in frames if frame is not None)
             if data:

@@ -75,14 +75,19 @@ def _views(rows: list[tuple]) -> list[PipelineView]:
         return []
     keys = [(row[1], row[2]) for row in rows]
     workflows: dict[tuple[str, str], list[dict]] = {key: [] for key in keys}
-    marks = ", ".join("(?, ?)" for _ in keys)
-    flat = [value for key in keys for value in key]
-    for knot, rkey, name, status, error, started, finished in database.execute_sql(
-        "SELECT knot, rkey, name, status, error, started_at, finished_at FROM workflow "
-        f"WHERE (knot, rkey) IN ({marks}) ORDER BY id",
-        flat,
-    ):
-        workflows[(knot, rkey)].append(_workflow_view(name, status, error, started, finished))
+    by_knot: dict[str, list[str]] = {}
+    for knot, rkey in keys:
+        by_knot.setdefault(knot, []).append(rkey)
+    # One query per knot (nearly always one): ``knot = ? AND rkey IN (…)`` is
+    # answered from the (knot, rkey, name) index; a row-value IN is not.
+    for knot, rkeys in by_knot.items():
+        for rkey, name, status, error, started, finished in database.execute_sql(
+            "SELECT rkey, name, status, error, started_at, finished_at FROM workflow "
+            f"WHERE knot = ? AND rkey IN ({_marks(rkeys)}) ORDER BY id",
+            [knot, *rkeys],
+        ):
+            view = _workflow_view(name, status, error, started, finished)
+            workflows[(knot, rkey)].append(view)
     return [_pipeline_view(row, workflows[(row[1], row[2])]) for row in rows]
 
 

@@ -153,6 +153,10 @@ class _Git:
             "-c", "core.hooksPath=/dev/null",
             "-c", "http.lowSpeedLimit=1024",
             "-c", "http.lowSpeedTime=15",
+            # No detached gc or maintenance: it would rewrite the shallow file
+            # under the next fetch, outside the mirror's lock.
+            "-c", "gc.auto=0",
+            "-c", "maintenance.auto=false",
         ]  # fmt: skip
         if resolve:
             self.settings += ["-c", f"http.curloptResolve={resolve}"]

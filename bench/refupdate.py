@@ -1,0 +1,211 @@
+"""Ref update intake: a knot's ``sh.tangled.git.refUpdate`` -> ``pending`` on /events.
+
+A real tack process follows a current knot stand-in that serves a real git
+repository. After one push has warmed tack's mirror, each of ``BENCH_PUSHES``
+new commits is announced and timed until its workflow's ``pending`` frame
+arrives. Most of that is git: the floor is the same fetch and reads
+(``fetch --depth=1 --filter=tree:0``, ``ls-tree``, ``cat-file``) run directly
+against the same knot in a warm mirror, measured in the same run.
+
+Then the workflow fetch of a repository with ``BENCH_FILES`` files: tack's
+fetcher, cold (new mirror) and warm (next commit), against a plain shallow
+clone of the same commit as the floor.
+
+Target on 2 cores: p99 <= 300 ms with a warm mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import BenchTack, percentile, report
+
+from tests.spindle_clients import EventsClient
+from tests.standins import (
+    OWNER,
+    REPO,
+    Clock,
+    GitRepo,
+    JetstreamStandin,
+    KnotStandin,
+    commit,
+    repo,
+)
+
+PUSHES = int(os.environ.get("BENCH_PUSHES", "200"))
+FILES = int(os.environ.get("BENCH_FILES", "10000"))
+REPO_DID = "did:plc:benchrepo"
+WORKFLOW = "engine: dummy\nsteps: []\n"
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="tack-bench-"))
+    try:
+        latency = intake_latency(root)
+        fetch = fetch_cost(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(latency | fetch)
+
+
+def intake_latency(root: Path) -> dict:
+    jetstream = JetstreamStandin()
+    knot = KnotStandin(git_root=root / "git", current=True)
+    git = GitRepo(knot.git_root, REPO_DID, {".tangled/workflows/ci.yml": WORKFLOW})
+    shas = [git.commit({"n": str(i)}) for i in range(PUSHES + 1)]
+    record = repo("bench", knot.name, repo_did=REPO_DID)
+    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", record))
+    tack = BenchTack(jetstream.url)
+    while knot.open_connections < 1:
+        time.sleep(0.01)
+    watch = PendingWatch(tack.port)
+    try:
+        latencies = []
+        for index, sha in enumerate(shas):
+            sent = time.perf_counter()
+            knot.send_ref_update(REPO_DID, sha, changed_files=["n"])
+            arrived = watch.wait_for(sha)
+            if index:  # the first push warms the mirror
+                latencies.append((arrived - sent) * 1000)
+    finally:
+        tack.stop()
+    floor = git_floor(knot, shas)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    f50 = percentile(floor, 0.5)
+    print(
+        f"{PUSHES} pushes, warm mirror: refUpdate -> pending p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        f" (target p99 <= 300 ms); git floor p50 {f50:.1f} ms, ratio {p50 / f50:.2f}"
+    )
+    knot.close()
+    jetstream.close()
+    return {
+        "pushes": PUSHES,
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
+        "git_floor_p50_ms": round(f50, 1),
+        "ratio_to_floor": round(p50 / f50, 2),
+    }
+
+
+class PendingWatch:
+    """Follows /events: each pipeline's sha (from its pipeline frame) and the
+    moment its first ``pending`` status arrived."""
+
+    def __init__(self, port: int) -> None:
+        self._client = EventsClient(port, cursor=None)
+        self._pending_at: dict[str, float] = {}
+        self._sha_of: dict[str, str] = {}
+        self._seen = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frame = json.loads(self._client.ws.recv())
+            except Exception:
+                return  # tack stopped
+            now = time.perf_counter()
+            with self._seen:
+                if frame["nsid"] == "sh.tangled.pipeline":
+                    push = frame["event"]["triggerMetadata"]["push"]
+                    self._sha_of[frame["rkey"]] = push["newSha"]
+                elif frame["event"]["status"] == "pending":
+                    rkey = frame["event"]["pipeline"].rsplit("/", 1)[1]
+                    self._pending_at.setdefault(rkey, now)
+                self._seen.notify_all()
+
+    def wait_for(self, sha: str) -> float:
+        deadline = time.monotonic() + 30
+        with self._seen:
+            while time.monotonic() < deadline:
+                for rkey, pipeline_sha in self._sha_of.items():
+                    if pipeline_sha == sha and rkey in self._pending_at:
+                        return self._pending_at[rkey]
+                self._seen.wait(1.0)
+        raise SystemExit(f"no pending status for {sha}")
+
+
+def git_floor(knot: KnotStandin, shas: list[str]) -> list[float]:
+    """The git work of one warm intake, done directly: the floor tack stands on."""
+    mirror = Path(tempfile.mkdtemp(prefix="tack-floor-"))
+    url = f"http://{knot.name}/{REPO_DID}"
+    git = ["git", "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-C", str(mirror)]
+    subprocess.run(["git", "init", "-q", "--bare", str(mirror)], check=True)
+    for key, value in (
+        ("core.repositoryformatversion", "1"),
+        ("remote.origin.url", url),
+        ("remote.origin.promisor", "true"),
+        ("remote.origin.partialclonefilter", "tree:0"),
+        ("extensions.partialClone", "origin"),
+    ):
+        subprocess.run([*git, "config", key, value], check=True)
+    times = []
+    for index, sha in enumerate(shas[:50]):
+        started = time.perf_counter()
+        fetch = [*git, "fetch", "-q", "--depth=1", "--filter=tree:0", "--no-tags", "origin", sha]
+        done = subprocess.run(fetch, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"floor fetch {index} failed: {done.stderr.strip()}")
+        listing = subprocess.run(
+            [*git, "ls-tree", "-z", sha, ".tangled/workflows/"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        oid = listing.split(b"\t")[0].split()[2].decode()
+        subprocess.run([*git, "cat-file", "-s", oid], check=True, capture_output=True)
+        subprocess.run([*git, "cat-file", "blob", oid], check=True, capture_output=True)
+        if index:
+            times.append((time.perf_counter() - started) * 1000)
+    shutil.rmtree(mirror, ignore_errors=True)
+    return times
+
+
+def fetch_cost(root: Path) -> dict:
+    from tack.intake.fetch import WorkflowFetcher
+
+    knot = KnotStandin(git_root=root / "big", current=True)
+    files = {f"src/dir{i % 100}/file{i}.txt": f"{i}\n" for i in range(FILES)}
+    files[".tangled/workflows/ci.yml"] = WORKFLOW
+    git = GitRepo(knot.git_root, REPO_DID, files)
+    second = git.commit({"src/dir0/file0.txt": "changed\n"})
+    fetcher = WorkflowFetcher(root / "mirrors", dev=True)
+    started = time.perf_counter()
+    fetcher.workflow_files(knot.name, REPO_DID, git.first)
+    cold = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    fetcher.workflow_files(knot.name, REPO_DID, second)
+    warm = (time.perf_counter() - started) * 1000
+    mirror_kb = sum(p.stat().st_size for p in (root / "mirrors").rglob("*") if p.is_file()) / 1024
+    started = time.perf_counter()
+    clone = root / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", "--depth=1", f"http://{knot.name}/{REPO_DID}", str(clone)],
+        check=True,
+    )
+    full = (time.perf_counter() - started) * 1000
+    clone_kb = sum(p.stat().st_size for p in (clone / ".git").rglob("*") if p.is_file()) / 1024
+    knot.close()
+    print(
+        f"workflow fetch, {FILES} files: cold {cold:.0f} ms ({mirror_kb:.0f} KiB kept),"
+        f" warm {warm:.0f} ms; floor: shallow clone {full:.0f} ms ({clone_kb:.0f} KiB),"
+        f" ratio cold/clone {cold / full:.2f}"
+    )
+    return {
+        "files": FILES,
+        "fetch_cold_ms": round(cold),
+        "fetch_warm_ms": round(warm),
+        "mirror_kib": round(mirror_kb),
+        "shallow_clone_ms": round(full),
+        "shallow_clone_kib": round(clone_kb),
+    }
+
+
+if __name__ == "__main__":
+    main()
