@@ -27,6 +27,7 @@ from pathlib import Path
 
 from _common import BenchTack, percentile, report
 
+from tack.intake.fetch import mirror_config
 from tests.spindle_clients import EventsClient
 from tests.standins import (
     OWNER,
@@ -138,13 +139,7 @@ def git_floor(knot: KnotStandin, shas: list[str]) -> list[float]:
     url = f"http://{knot.name}/{REPO_DID}"
     git = ["git", "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-C", str(mirror)]
     subprocess.run(["git", "init", "-q", "--bare", str(mirror)], check=True)
-    for key, value in (
-        ("core.repositoryformatversion", "1"),
-        ("remote.origin.url", url),
-        ("remote.origin.promisor", "true"),
-        ("remote.origin.partialclonefilter", "tree:0"),
-        ("extensions.partialClone", "origin"),
-    ):
+    for key, value in mirror_config(url):
         subprocess.run([*git, "config", key, value], check=True)
     times = []
     for index, sha in enumerate(shas[:50]):

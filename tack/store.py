@@ -85,6 +85,11 @@ class Repo(BaseModel):
     def at_uri(self) -> str:
         return f"at://{self.did}/sh.tangled.repo/{self.rkey}"
 
+    @property
+    def knot_path(self) -> str:
+        """The repository's path on its knot: the repo DID today, owner/name before."""
+        return self.repo_did or f"{self.did}/{self.name}"
+
 
 class Collaborator(BaseModel):
     """A ``sh.tangled.repo.collaborator`` record: ``did`` grants ``subject`` a repo."""

@@ -203,9 +203,8 @@ class CiApi:
         return repo
 
     def _workflow_files(self, repo: Repo, sha: str) -> dict[str, str]:
-        path = repo.repo_did or f"{repo.did}/{repo.name}"
         try:
-            return self._fetcher.workflow_files(repo.knot, path, sha)
+            return self._fetcher.workflow_files(repo.knot, repo.knot_path, sha)
         except FetchError as exc:
             if exc.transient:
                 raise XrpcError(502, "UpstreamFailure", f"reading workflows: {exc}") from None

@@ -138,6 +138,18 @@ class WorkflowFetcher:
         os.replace(tmp, mirror)
 
 
+def mirror_config(url: str) -> list[tuple[str, str]]:
+    """A partial clone's settings: objects missing from the shallow, tree-less
+    fetch are fetched from ``origin`` when git needs them."""
+    return [
+        ("core.repositoryformatversion", "1"),
+        ("remote.origin.url", url),
+        ("remote.origin.promisor", "true"),
+        ("remote.origin.partialclonefilter", "tree:0"),
+        ("extensions.partialClone", "origin"),
+    ]
+
+
 class _Git:
     """git in one mirror, with tack's safety settings on every call."""
 
@@ -172,13 +184,7 @@ class _Git:
 
     def init(self, url: str) -> None:
         subprocess.run(["git", "init", "-q", "--bare", str(self.mirror)], env=self.env, check=True)
-        for key, value in (
-            ("core.repositoryformatversion", "1"),
-            ("remote.origin.url", url),
-            ("remote.origin.promisor", "true"),
-            ("remote.origin.partialclonefilter", "tree:0"),
-            ("extensions.partialClone", "origin"),
-        ):
+        for key, value in mirror_config(url):
             self.run("config", key, value)
 
     def run(self, *args: str, stdin: bytes | None = None) -> bytes:

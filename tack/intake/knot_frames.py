@@ -100,8 +100,7 @@ class KnotIntake:
         if self._acceptor.seen(knot, frame.rkey):
             log.info("push already taken in, replay ignored", extra=ids)
             return
-        path = _repo_path(repo, update)
-        files = self._fetch(knot, path, update.new_sha, ids)
+        files = self._fetch(knot, repo.knot_path, update.new_sha, ids)
         if files is None:
             return
         trigger_data = {"ref": update.ref, "newSha": update.new_sha, "oldSha": update.old_sha}
@@ -238,12 +237,6 @@ class KnotIntake:
                 & (KnotCollaborator.subject == update.subject)
             ).execute()
         log.info("knot collaborator " + update.op, extra={**ids, **row})
-
-
-def _repo_path(repo: Repo, update: RefUpdate) -> str:
-    if update.repo_did is not None:
-        return update.repo_did
-    return f"{repo.did}/{repo.name}"
 
 
 def _push_key(source: str, knot: str, repo: Repo, push: dict) -> str:

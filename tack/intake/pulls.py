@@ -164,9 +164,8 @@ class PullRequests:
         )
 
     def _workflow_files(self, repo: Repo, sha: str) -> dict[str, str]:
-        path = repo.repo_did or f"{repo.did}/{repo.name}"
         try:
-            return self._fetcher.workflow_files(repo.knot, path, sha)
+            return self._fetcher.workflow_files(repo.knot, repo.knot_path, sha)
         except FetchError as exc:
             raise (Later if exc.transient else Dropped)(f"workflow fetch: {exc}") from None
 
