@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__, backends, config, logs, service
+from .startup import StartupError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format)
     try:
         return service.run(settings, configured, context)
+    except StartupError as exc:  # the port, the database lock, the files
+        print(f"tack: start-up error: {exc}", file=sys.stderr)
+        return 2
     except config.ConfigError as exc:  # found while opening (e.g. the secrets key)
         print(f"tack: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import peewee
 from . import logs, records, retry, store
 from .intake.knots import KnotSubscriptions
 from .records import BadRecord, Change
+from .retry import ShutdownDuringRetry
 from .stream import Backoff, Follower
 
 log = logs.get("jetstream")
@@ -46,10 +47,6 @@ def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
         query.insert(0, ("cursor", str(max(cursor_us - REWIND_US, 0))))
     extra = "&" + parts.query if parts.query else ""
     return urlunsplit(parts._replace(query=urlencode(query) + extra))
-
-
-class ShutdownDuringRetry(Exception):
-    """A transient failure was still unresolved when shutdown was asked for."""
 
 
 class Applier:
@@ -97,9 +94,10 @@ class Applier:
                 )
                 break
             except Exception:
-                # Not reached for bad records or I/O (both handled inside);
-                # a bug must not kill ingest, and the events are replayed later.
-                log.exception("applier failed on a batch", extra={"cursor": self.cursor})
+                # Bad records and I/O are handled inside, and the batch's
+                # changes and cursor commit together, so what fails here came
+                # after the commit (knot bookkeeping): log it and go on.
+                log.exception("applier failed after a batch", extra={"cursor": self.cursor})
             if drain_until is not None and time.monotonic() > drain_until:
                 log.warning(
                     "drain time over; the rest is replayed on restart",
@@ -159,17 +157,28 @@ class Applier:
         try:
             change = records.decode(frame, self._directory.hostname)
         except BadRecord as bad:
-            self.bad += 1
-            log.warning(
-                "bad record skipped",
-                extra={**bad.ids, "reason": bad.reason, "time_us": bad.time_us},
-            )
-            return None, bad.time_us
+            return self._skip(bad)
+        except Exception as exc:
+            # Whatever a frame makes the decoder raise, the frame is bad: it
+            # is skipped like any bad record, never allowed to take the batch
+            # (and the events after it) down with it.
+            return self._skip(BadRecord(f"undecodable: {type(exc).__name__}: {str(exc)[:200]}"))
         return change, change.time_us
+
+    def _skip(self, bad: BadRecord) -> tuple[None, int | None]:
+        self.bad += 1
+        log.warning(
+            "bad record skipped",
+            extra={**bad.ids, "reason": bad.reason, "time_us": bad.time_us},
+        )
+        return None, bad.time_us
 
     def _apply_single(self, change: Change) -> None:
         try:
-            self._with_retry(lambda: self._commit([change], max(self.cursor or 0, change.time_us)))
+            cursor = self.cursor or 0
+            if change.time_us <= time.time_ns() // 1000 + MAX_CLOCK_SKEW_US:
+                cursor = max(cursor, change.time_us)
+            self._with_retry(lambda: self._commit([change], cursor))
         except ShutdownDuringRetry:
             raise
         except Exception as exc:

@@ -37,9 +37,29 @@ def until_stopped(
     )
 
 
+class ShutdownDuringRetry(Exception):
+    """A transient failure was still unresolved when shutdown was asked for."""
+
+
 def last_error(state: RetryCallState) -> str:
     exc = state.outcome.exception() if state.outcome else None
-    return "" if exc is None else f"{type(exc).__name__}: {exc}"[:300]
+    return "" if exc is None else describe_io_error(exc)
+
+
+def describe_io_error(exc: BaseException) -> str:
+    """What went wrong, in the words an operator needs.
+
+    When SQLite finds the disk full it rolls the transaction back itself, and
+    peewee's own rollback then fails with "cannot rollback - no transaction
+    is active", hiding the cause; the cause is in the exception's context.
+    """
+    root = exc
+    while root.__context__ is not None and "cannot rollback" in str(root):
+        root = root.__context__
+    text = f"{type(root).__name__}: {root}"
+    if "disk is full" in text or "No space left" in text:
+        return f"disk is full ({text})"[:300]
+    return text[:300]
 
 
 def store_writes(stop: threading.Event, log: logging.Logger, message: str) -> Retrying:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import peewee
 
 from . import logs, pipelines, retry
-from .backends import Backend, Backends, Job, Outcome
+from .backends import Backend, Backends, Job, Outcome, process
 from .statuses import FINAL, RUNNING, StatusLog
-from .store import Pipeline, Workflow, merge_backend_state, next_pending_workflow
+from .store import Pipeline, Workflow, is_transient, merge_backend_state, next_pending_workflow
 from .workflow import WorkflowError, parse
 from .worklogs import LOG_CHECKPOINT, LogBook
 
@@ -91,6 +91,12 @@ class Scheduler:
                 log.info("resuming workflow", extra=_ids(workflow))
                 self._resumable.append(workflow.id)
                 continue
+            # What the dead process's run left (its steps, its workspace) goes
+            # before the workflow is reported, so nothing writes after `failed`.
+            for action in process.end_leftovers(workflow.state):
+                log.info(
+                    "leftover of a previous run ended", extra=_ids(workflow) | {"action": action}
+                )
             workflow_log = self._logbook.open(workflow.id)
             workflow_log.error(RESTART_ERROR)
             workflow_log.close()
@@ -176,14 +182,18 @@ class Scheduler:
         return None if workflow is None else (workflow, False)
 
     def _execute(self, workflow: Workflow, resume: bool) -> None:
+        """Run a claimed workflow and write its final status, whatever happens
+        on the way (invariant 4): only a transient store error, retried in
+        place, or our own shutdown keeps it from ending now."""
         cancel = self._cancels[workflow.id]
-        pipeline = Pipeline.get((Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey))
-        secrets = self._secrets_for(pipeline)
-        workflow_log = self._logbook.open(workflow.id, secrets.values())
         try:
-            outcome = self._run(workflow, pipeline, secrets, cancel, workflow_log, resume)
-        finally:
-            workflow_log.close()
+            outcome = self._outcome(workflow, cancel, resume)
+        except Exception as exc:
+            if self._stop.is_set() and is_transient(exc):
+                self._cancels.pop(workflow.id, None)
+                return  # left running: the next start resumes or ends it
+            log.exception("workflow could not be run", extra=_ids(workflow))
+            outcome = Outcome("failed", f"tack could not run this workflow: {_describe(exc)}")
         try:
             # A run stopped by our own shutdown is not the user's cancel: it
             # stays running and the next start resumes or fails it.
@@ -191,6 +201,16 @@ class Scheduler:
                 self._finish(workflow, outcome)
         finally:
             self._cancels.pop(workflow.id, None)
+
+    def _outcome(self, workflow: Workflow, cancel: threading.Event, resume: bool) -> Outcome:
+        key = (Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey)
+        pipeline = self._with_retry(lambda: Pipeline.get(key))
+        secrets = self._with_retry(lambda: self._secrets_for(pipeline))
+        workflow_log = self._logbook.open(workflow.id, secrets.values())
+        try:
+            return self._run(workflow, pipeline, secrets, cancel, workflow_log, resume)
+        finally:
+            workflow_log.close()
 
     def _run(self, workflow, pipeline, secrets, cancel, workflow_log, resume) -> Outcome:
         backend = self._backends.resolve(workflow.engine)
@@ -203,6 +223,10 @@ class Scheduler:
         except WorkflowError as exc:
             workflow_log.error(str(exc), "workflow file")
             return Outcome("failed", str(exc))
+        except Exception as exc:  # a record tack stored but cannot use: still ends
+            error = f"workflow could not be prepared: {_describe(exc)}"
+            workflow_log.error(error)
+            return Outcome("failed", error)
         try:
             if resume:
                 outcome = backend.resume(job, workflow_log)
@@ -251,6 +275,10 @@ class Scheduler:
 
     def _with_retry(self, operation):
         return retry.store_writes(self._stop, log, "store busy, retrying")(operation)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _ids(workflow: Workflow) -> dict:

@@ -10,6 +10,7 @@ lands before the database closes.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from .api.callbacks import CallbackHub
 from .api.ci import CiApi
 from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
-from .api.server import App, Server, encode_text_frame
+from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth
 from .backends import Backends, Context
@@ -35,6 +36,7 @@ from .intake.pulls import PullRequests
 from .jetstream import Ingester
 from .scheduler import Scheduler
 from .secrets import SecretStore, load_keys, rotation_requested
+from .startup import DatabaseLock, bind_listener, check_log_dir, open_store
 from .statuses import StatusLog
 from .store import Pipeline
 from .stream import Backoff
@@ -60,7 +62,20 @@ class Spindle:
         if backends is None:
             backends = backend_registry.load(config.config_file, self.context)
         self.stop_event = threading.Event()
-        self.db = store.open_database(config.db_path)
+        # The port and the database lock come first: nothing is created or
+        # migrated until both are ours (startup.py).
+        with contextlib.ExitStack() as undo:
+            self.httpd = bind_listener(config.listen, TackHTTPServer, Handler)
+            undo.callback(self.httpd.server_close)
+            self.lock = DatabaseLock(config.db_path)
+            undo.callback(self.lock.release)
+            check_log_dir(config.log_dir)
+            self.db = open_store(config.db_path, store.open_database)
+            undo.callback(self.db.close)
+            self._build(config, knots, backends)
+            undo.pop_all()
+
+    def _build(self, config: Config, knots: KnotSubscriptions | None, backends: Backends) -> None:
         self.directory = store.Directory(config.hostname, config.owner)
         self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
@@ -135,7 +150,7 @@ class Spindle:
             app.post_routes.update(post_routes)
         logstream = PipelineLogStream(self.statuses, self.logbook, self.stop_event)
         app.get_routes[LOGSTREAM_PATH] = logstream.route
-        self.server = Server(config.listen, app)
+        self.server = Server(self.httpd, app)
 
     def _secrets_for(self, pipeline: Pipeline) -> dict[str, str]:
         """The secrets of the repo a pipeline belongs to, and no other repo's."""
@@ -164,6 +179,10 @@ class Spindle:
         )
 
     def stop(self) -> None:
+        """Stop everything, once: a second call (a test's teardown after the
+        test stopped it) changes nothing."""
+        if self.stop_event.is_set():
+            return
         log.info("tack stopping")
         deadline = time.monotonic() + STOP_DEADLINE
         self.stop_event.set()
@@ -177,6 +196,7 @@ class Spindle:
         self.server.stop()
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})
         self.db.close()
+        self.lock.release()
 
 
 def _left(deadline: float) -> float:
@@ -184,7 +204,11 @@ def _left(deadline: float) -> float:
 
 
 def run(config: Config, backends: Backends, context: Context) -> int:
-    """Run until SIGTERM or SIGINT, then shut down cleanly; the exit status."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then shut down cleanly; the exit status.
+
+    SIGHUP (a closed terminal, or an operator's reload habit) stops tack the
+    same orderly way: tack has nothing to reload, and dying silently is worse.
+    """
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -193,6 +217,7 @@ def run(config: Config, backends: Backends, context: Context) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
     spindle = Spindle(config, backends=backends, context=context)
     spindle.start()
     while not stop.wait(1.0):

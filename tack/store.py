@@ -29,6 +29,7 @@ from peewee import (
 )
 
 from . import logs, records
+from .config import ConfigError
 
 log = logs.get("store")
 
@@ -342,6 +343,15 @@ def migrate(db: peewee.Database) -> int:
     """Bring the schema to the newest version, one transaction per step."""
     db.execute_sql("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
     current = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar() or 0
+    latest = MIGRATIONS[-1][0]
+    if current > latest:
+        # A newer tack wrote this database: running older code on it could
+        # corrupt what it does not know about.
+        raise ConfigError(
+            "SPINDLE_SERVER_DB_PATH",
+            f"the database's schema (version {current}) is newer than this tack's"
+            f" ({latest}); run a newer tack, or restore a backup made for this one",
+        )
     for version, statements in MIGRATIONS:
         if version <= current:
             continue

@@ -10,6 +10,7 @@ Secrets are masked before a line is built, so no copy of a secret is ever on dis
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -17,7 +18,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import logs
 from .statuses import rfc3339
+
+log = logs.get("worklogs")
 
 SYSTEM_STEP, USER_STEP = 0, 1
 # The backend-state key holding the log's size at the moment the rest of that
@@ -94,10 +98,16 @@ class WorkflowLog:
     def __init__(self, book: LogBook, path: Path, secrets: Iterable[str], mode: str) -> None:
         self._book = book
         self._lock = threading.Lock()
-        # Binary, so ``tell`` is the exact byte size a checkpoint records.
-        self._file = open(path, mode + "b")  # noqa: SIM115 - closed in close()
+        self._path = path
         self._secrets = secret_variants(secrets)
         self.lines = 0
+        self.failure: str | None = None  # why lines are no longer written, if they are not
+        try:
+            # Binary, so ``tell`` is the exact byte size a checkpoint records.
+            self._file = open(path, mode + "b")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            self._file = None
+            self._failed(exc)
 
     def mask(self, text: str) -> str:
         for secret in self._secrets:
@@ -134,7 +144,7 @@ class WorkflowLog:
     def size(self) -> int:
         """Bytes in the log so far: what a checkpoint records."""
         with self._lock:
-            return self._file.tell() if not self._file.closed else 0
+            return self._file.tell() if self._file and not self._file.closed else 0
 
     def checkpoint(self, state: dict) -> dict:
         """``state`` with the log's current size under ``LOG_CHECKPOINT``."""
@@ -143,8 +153,9 @@ class WorkflowLog:
 
     def close(self) -> None:
         with self._lock:
-            if not self._file.closed:
-                self._file.close()
+            if self._file and not self._file.closed:
+                with contextlib.suppress(OSError):  # a full disk: what is lost is lost
+                    self._file.close()
 
     def _control(self, step_id: int, name: str, status: str, kind: int) -> dict:
         return {
@@ -162,12 +173,25 @@ class WorkflowLog:
     def _write(self, line: dict) -> None:
         text = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         with self._lock:
-            if self._file.closed:
-                return  # the workflow already ended; late output is dropped
-            self._file.write(text)
-            self._file.flush()
+            if self._file is None or self._file.closed or self.failure:
+                return  # ended (late output is dropped), or the log cannot be written
+            try:
+                self._file.write(text)
+                self._file.flush()
+            except OSError as exc:
+                # A full disk must not keep the workflow from ending: the run
+                # goes on, its status is written, the log keeps what it could.
+                self._failed(exc)
+                return
             self.lines += 1
         self._book.notify()
+
+    def _failed(self, exc: OSError) -> None:
+        self.failure = f"{type(exc).__name__}: {exc.strerror or exc}"
+        log.error(
+            "workflow log not written; the run goes on without it",
+            extra={"path": str(self._path), "error": self.failure},
+        )
 
 
 def _now() -> str:

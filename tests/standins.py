@@ -263,11 +263,15 @@ def tack_env(tmp: Path, jetstream_url: str, **overrides: str) -> dict[str, str]:
 class TackProcess:
     """``python -m tack`` in a subprocess, its stderr (JSON logs) kept in a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, prefix: list[str] = ()) -> None:
+        """``prefix``: a command to run tack under (e.g. ``prlimit --fsize=N``)."""
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tack"], env=env, stdout=subprocess.DEVNULL, stderr=self._log
+            [*prefix, sys.executable, "-m", "tack"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
         )
 
     def kill(self) -> None:

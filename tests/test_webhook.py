@@ -16,7 +16,7 @@ import pytest
 from tack.store import Workflow
 
 from .spindle_clients import EventsClient, read_log
-from .standins import OWNER, push_pipeline, wait_until
+from .standins import OWNER, REPO, TackProcess, commit, push_pipeline, repo, tack_env, wait_until
 
 SECRET = "webhook-signing-secret"
 
@@ -326,3 +326,47 @@ def test_logs_for_a_workflow_not_yet_resumed_answer_503_then_land(webhook_tack, 
     assert post(second["status_url"], {"status": "success"}, second["token"])[0] == 200
     after = EventsClient(again.server.port).start()
     wait_until(lambda: after.statuses("a")[-1:] == ["success"] == after.statuses("b")[-1:])
+
+
+def test_a_crash_during_delivery_retries_delivers_on_restart(tmp_path, jetstream, knot, clock):
+    """kill -9 while the CI answers 500: the next start delivers again, and the
+    workflow ends as the CI reports (not `timeout` an hour later)."""
+    receiver = CIReceiver(codes=(500,))
+    port = free_port()
+    config = tmp_path / "hook.toml"
+    config.write_text(
+        f"""
+[backends.ci]
+type = "webhook"
+url = "{receiver.url}"
+secret_env = "TACK_TEST_WEBHOOK_SECRET"
+attempts = 100
+retry_initial = 0.05
+callback_url = "http://127.0.0.1:{port}"
+"""
+    )
+    env = tack_env(
+        tmp_path,
+        jetstream.url,
+        TACK_CONFIG=str(config),
+        TACK_TEST_WEBHOOK_SECRET=SECRET,
+        SPINDLE_SERVER_LISTEN_ADDR=f"127.0.0.1:{port}",
+    )
+    jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+    proc = TackProcess(env, tmp_path / "tack-0.log")
+    try:
+        proc.wait_for_log("listening")
+        wait_until(lambda: knot.open_connections == 1, timeout=20)
+        knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "ci", "")]))
+        wait_until(lambda: len(receiver.signatures_ok) >= 3, timeout=20, what="failed deliveries")
+        proc.kill()
+        receiver.codes, receiver.act = [202], a_ci_that_succeeds
+        proc = TackProcess(env, tmp_path / "tack-1.log")
+        proc.wait_for_log("listening")
+        client = EventsClient(port).start()
+        wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=20)
+        assert client.statuses() == ["pending", "running", "success"]
+        assert len(receiver.deliveries) == 1 and all(receiver.signatures_ok)
+    finally:
+        proc.terminate()
+        receiver.close()

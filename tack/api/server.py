@@ -566,8 +566,10 @@ class App:
 
 
 class Server:
-    def __init__(self, listen: tuple[str, int], app: App) -> None:
-        self.httpd = TackHTTPServer(listen, Handler)
+    def __init__(self, httpd: TackHTTPServer, app: App) -> None:
+        """``httpd`` is already bound (startup.bind_listener): the port is
+        held before anything else happens."""
+        self.httpd = httpd
         self.httpd.app = app
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 

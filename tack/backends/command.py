@@ -66,6 +66,7 @@ class CommandBackend(Backend):
                 stdin=payload,
                 on_line=lambda stream, line: log.data(0, line, stream),
                 kill_grace=self.kill_grace,
+                on_start=lambda pid: job.save_state(process.leftover_state(pid, home)),
             )
         finally:
             log.end_step(0, self.name, USER_STEP)

@@ -4,12 +4,19 @@ Each child starts in a session of its own, so a timeout or cancel can end it
 and everything it spawned with one signal to the process group: SIGTERM,
 then SIGKILL after a grace period. Leftover background processes are ended
 when the step's main process exits, so a step cannot outlive itself.
+
+Nor tack: the child is started under ``setpriv --pdeathsig KILL`` (when
+util-linux has it), so the kernel kills it if tack dies, and its process
+group is recorded (``on_start``) with the group leader's start time, so the
+next start ends whatever a killed tack left in that group
+(``end_leftovers``) before it reports the workflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -55,10 +62,11 @@ def run(
     on_line: OnLine,
     stdin: bytes | None = None,
     kill_grace: float = 5.0,
+    on_start: Callable[[int], None] | None = None,
 ) -> Finished:
     try:
         proc = subprocess.Popen(
-            argv,
+            [*_DIE_WITH_TACK, *argv],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -69,6 +77,8 @@ def run(
     except OSError as exc:
         on_line("stderr", f"cannot start {argv[0]}: {exc.strerror}")
         return Finished(exit_code=127)
+    if on_start is not None:
+        on_start(proc.pid)
     threads = [
         threading.Thread(target=_pump, args=(proc.stdout, "stdout", on_line), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, "stderr", on_line), daemon=True),
@@ -107,6 +117,60 @@ def _end_group(proc: subprocess.Popen, grace: float) -> None:
     except subprocess.TimeoutExpired:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# The kernel sends SIGKILL to the child when the thread that started it (a
+# worker, alive as long as tack) dies: a kill -9 of tack ends the step too.
+_DIE_WITH_TACK = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+# Backend-state keys recording a run's process group and workspace.
+PROCESS_GROUP, PROCESS_START, WORKSPACE = "process_group", "process_start", "workspace"
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot), to tell it from a
+    later process that reuses its PID; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
+
+
+def leftover_state(pid: int, workspace: Path) -> dict:
+    """What to save so a later start can end this run's processes and files."""
+    return {PROCESS_GROUP: pid, PROCESS_START: start_time(pid), WORKSPACE: str(workspace)}
+
+
+def end_leftovers(state: dict) -> list[str]:
+    """End the process group and remove the workspace a dead tack's run left
+    (as ``leftover_state`` recorded them); what was done, for the log."""
+    done = []
+    group, started = state.get(PROCESS_GROUP), state.get(PROCESS_START)
+    if isinstance(group, int) and group > 1:
+        alive = _group_members(group)
+        # Only the group that run made: its leader, if still alive, must be
+        # the same process (same start time), not a later one with its PID.
+        leader_ok = started is None or start_time(group) in (None, started)
+        if alive and leader_ok:
+            _signal_group(group, signal.SIGKILL)
+            done.append(f"killed process group {group} ({len(alive)} processes)")
+    workspace = state.get(WORKSPACE)
+    if isinstance(workspace, str) and workspace and Path(workspace).is_dir():
+        shutil.rmtree(workspace, ignore_errors=True)
+        done.append(f"removed workspace {workspace}")
+    return done
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.getpgid(int(entry.name)) == pgid:
+                members.append(int(entry.name))
+    return members
 
 
 def _signal_group(pgid: int, sig: int) -> None:

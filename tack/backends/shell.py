@@ -93,6 +93,7 @@ class ShellBackend(Backend):
                     deadline=deadline,
                     on_line=lambda stream, line, sid=step_id: log.data(sid, line, stream),
                     kill_grace=self.kill_grace,
+                    on_start=lambda pid: job.save_state(process.leftover_state(pid, workspace)),
                 )
                 log.end_step(step_id, step.name, USER_STEP)
                 outcome = outcome_of(result, f"step {step.name!r}", self.timeout)
@@ -133,6 +134,7 @@ class ShellBackend(Backend):
                     deadline=deadline,
                     on_line=lambda stream, line: log.data(0, line, stream),
                     kill_grace=self.kill_grace,
+                    on_start=lambda pid: job.save_state(process.leftover_state(pid, home)),
                 )
                 outcome = outcome_of(result, "clone", self.timeout)
                 if outcome:

@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from .. import logs
-from ..api.callbacks import LAST_SEQ, PREFIX, Channel, token_hash
+from ..api.callbacks import EARLIER_TOKENS, LAST_SEQ, PREFIX, TOKEN_HASH, Channel, token_hash
 from ..store import Workflow
 from ..worklogs import SYSTEM_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome
@@ -42,6 +42,11 @@ from .options import Options
 log = logs.get("webhook")
 
 SIGNATURE_HEADER = "X-Tack-Signature"
+
+
+# Backend state: whether the CI acknowledged the delivery (so a resumed
+# workflow only waits) or not yet (so it is delivered again).
+DELIVERED = "delivered"
 
 
 class DeliveryError(Exception):
@@ -70,17 +75,46 @@ class WebhookBackend(Backend):
     # --- Backend ------------------------------------------------------------------------
 
     def run(self, job: Job, log_: WorkflowLog) -> Outcome:
-        token = secrets.token_urlsafe(32)
         deadline = time.time() + self.timeout
-        job.save_state({"token_sha256": token_hash(token), "deadline": deadline})
+        job.save_state({"deadline": deadline})
+        return self._dispatch_and_await(job, log_, deadline, -1)
+
+    def resume(self, job: Job, log_: WorkflowLog) -> Outcome | None:
+        if "deadline" not in job.state:
+            return None  # tack stopped before anything was saved
+        deadline = float(job.state["deadline"])
+        if job.state.get(DELIVERED):
+            hub = self.context.callbacks
+            channel = hub.open(job.workflow_id, log_, int(job.state.get(LAST_SEQ, -1)))
+            try:
+                return self._await(job, channel, deadline)
+            finally:
+                hub.close(job.workflow_id)
+        # tack stopped before a delivery succeeded (or before it could record
+        # that it did): deliver again. The CI sees the same workflow id and a
+        # valid signature; see the README on handling a second delivery.
+        return self._dispatch_and_await(job, log_, deadline, int(job.state.get(LAST_SEQ, -1)))
+
+    def _dispatch_and_await(
+        self, job: Job, log_: WorkflowLog, deadline: float, last_seq: int
+    ) -> Outcome:
+        """Deliver with a fresh token (earlier ones stay valid, in case a
+        delivery landed before tack could record it), then wait for the CI."""
+        token = secrets.token_urlsafe(32)
+        earlier = [h for h in (job.state.get(TOKEN_HASH), *job.state.get(EARLIER_TOKENS, [])) if h]
+        job.save_state({TOKEN_HASH: token_hash(token), EARLIER_TOKENS: earlier, DELIVERED: False})
         hub = self.context.callbacks
-        channel = hub.open(job.workflow_id, log_)
+        channel = hub.open(job.workflow_id, log_, last_seq)
         try:
             log_.start_step(0, f"Dispatch to {self.name}", SYSTEM_STEP)
             try:
                 status = self._deliver(job, self._payload(job, token))
             except DeliveryError as exc:
                 log_.data(0, str(exc), "stderr")
+                if job.stopping.is_set():
+                    # Retries cut short by our own shutdown: the workflow stays
+                    # running, and the next start delivers again.
+                    return Outcome("cancelled")
                 return Outcome("failed", f"webhook delivery failed: {exc}")
             finally:
                 log_.end_step(0, f"Dispatch to {self.name}", SYSTEM_STEP)
@@ -88,18 +122,9 @@ class WebhookBackend(Backend):
                 log_.data(
                     0, f"delivered to {self.url} (HTTP {status}); waiting for the CI to report"
                 )
+                job.save_state({DELIVERED: True})
                 hub.checkpoint(job.workflow_id, channel)
             return self._await(job, channel, deadline)
-        finally:
-            hub.close(job.workflow_id)
-
-    def resume(self, job: Job, log_: WorkflowLog) -> Outcome | None:
-        if "token_sha256" not in job.state:
-            return None  # tack stopped before the webhook went out
-        hub = self.context.callbacks
-        channel = hub.open(job.workflow_id, log_, int(job.state.get(LAST_SEQ, -1)))
-        try:
-            return self._await(job, channel, float(job.state.get("deadline", 0)))
         finally:
             hub.close(job.workflow_id)
 

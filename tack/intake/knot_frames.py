@@ -79,6 +79,12 @@ class KnotIntake:
                 self._collaborator_update(knot, frame, ids)
         except Rejected as exc:
             log.warning("knot event rejected", extra={**ids, "reason": str(exc)})
+        except Exception as exc:
+            if store.is_transient(exc):
+                raise  # the stream reconnects and the event is replayed: never skipped
+            # Anything else this event makes us raise would recur on every
+            # replay and stall the knot for good: log it and move past it.
+            log.exception("knot event failed, skipped", extra=ids)
         if frame.created_ns is None:
             return None
         return frame.created_ns, frame.exact

@@ -1,0 +1,323 @@
+"""Nothing lost, nothing stuck, nothing left running (the fault-injection findings).
+
+Each test reproduces one finding with real processes, files and streams:
+deeply nested and far-future frames, a full log directory, workflow files
+that break the YAML loader, kill -9 mid-step, two instances on one database,
+SIGHUP, start-up failures, a newer schema, a full disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tack import tid
+
+from .spindle_clients import EventsClient
+from .standins import (
+    MEMBER,
+    OWNER,
+    REPO,
+    TackProcess,
+    commit,
+    db_cursor,
+    db_rows,
+    member,
+    push_pipeline,
+    repo,
+    tack_env,
+    wait_until,
+)
+
+STEPS = "steps:\n  - name: One\n    command: echo one\n"
+
+
+# --- data loss ---------------------------------------------------------------------------
+
+
+def test_a_deeply_nested_jetstream_frame_is_one_bad_record(jetstream, make_spindle, clock):
+    spindle = make_spindle()
+    events = []
+    for index in range(300):
+        events.append(
+            commit(clock, OWNER, MEMBER, f"m{index}", "create", member(f"did:plc:u{index}"))
+        )
+    for event in events[:150]:
+        jetstream.add(event)
+    jetstream.add_raw("[" * 100_000 + "]" * 100_000, clock())
+    jetstream.add_raw('{"a":' * 50_000 + "1" + "}" * 50_000, clock())
+    for event in events[150:]:
+        jetstream.add(event)
+    wait_until(lambda: len(db_rows(spindle.config.db_path)["member"]) == 300, timeout=20)
+    wait_until(lambda: db_cursor(spindle.config.db_path) == events[-1]["time_us"])
+    assert spindle.ingester.applier.bad == 2
+
+
+def test_a_far_future_time_never_becomes_the_jetstream_cursor(jetstream, make_spindle, clock):
+    spindle = make_spindle()
+    jetstream.add(commit(clock, OWNER, MEMBER, "m1", "create", member("did:plc:a")))
+    bogus = commit(clock, OWNER, MEMBER, "m2", "create", member("did:plc:b"))
+    bogus["time_us"] = 4 * 10**18
+    jetstream.add_raw(json.dumps(bogus), clock())
+    last = commit(clock, OWNER, MEMBER, "m3", "create", member("did:plc:c"))
+    jetstream.add(last)
+    wait_until(lambda: len(db_rows(spindle.config.db_path)["member"]) == 3)
+    wait_until(lambda: db_cursor(spindle.config.db_path) == last["time_us"])
+
+
+def test_a_far_future_tid_never_becomes_a_knot_cursor(served_knot):
+    spindle, knot = served_knot
+    year_2096_us = int(time.mktime((2096, 1, 1, 0, 0, 0, 0, 0, 0))) * 10**6
+    knot.send(tid.encode(year_2096_us, 3), "sh.tangled.pipeline", {"triggerMetadata": "x"})
+    client = EventsClient(spindle.server.port).start()
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("a.yml", "dummy", STEPS)]))
+    wait_until(lambda: client.statuses("a.yml")[-1:] == ["success"])
+    knot.drop()
+    wait_until(lambda: len(knot.cursors) == 2, what="reconnect")
+    assert knot.cursors[1] < time.time_ns(), "the cursor stayed at what was really processed"
+
+
+@pytest.fixture
+def served_knot(jetstream, knot, make_spindle, clock):
+    spindle = make_spindle(real_knots=True)
+    jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+    wait_until(lambda: knot.open_connections == 1, what="knot subscription")
+    return spindle, knot
+
+
+# --- stuck or left behind --------------------------------------------------------------------
+
+
+def test_a_full_log_directory_still_ends_the_workflow(served_knot, caplog):
+    spindle, knot = served_knot
+    # The first workflow's log file is /dev/full: every write fails with ENOSPC.
+    os.symlink("/dev/full", spindle.logbook.path(1))
+    client = EventsClient(spindle.server.port).start()
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("a.yml", "dummy", STEPS)]))
+    wait_until(lambda: client.statuses("a.yml") == ["pending", "running", "success"])
+    assert "workflow log not written; the run goes on without it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "when: 2024-13-45\n" + STEPS,
+        "environment:\n  X: " + "[" * 3000 + "]" * 3000 + "\n" + STEPS,
+    ],
+)
+def test_a_workflow_file_the_loader_chokes_on_fails_that_workflow(served_knot, raw):
+    spindle, knot = served_knot
+    client = EventsClient(spindle.server.port).start()
+    knot.send_pipeline(
+        push_pipeline(
+            knot.name, OWNER, "hello", [("bad.yml", "dummy", raw), ("ok.yml", "dummy", STEPS)]
+        )
+    )
+    wait_until(lambda: client.statuses("bad.yml")[-1:] == ["failed"], timeout=15)
+    wait_until(lambda: client.statuses("ok.yml")[-1:] == ["success"])
+    failed = [f for f in client.frames if f["event"].get("status") == "failed"]
+    assert "invalid YAML" in failed[0]["event"]["error"]
+
+
+def test_kill_9_mid_step_leaves_nothing_running(tmp_path, jetstream, knot, clock):
+    """The step and what it spawned die with tack, or at the latest when tack
+    starts again; its workspace goes; the workflow is reported `failed` once."""
+    marker = tmp_path / "step.pid"
+    raw = f"steps:\n  - name: Sleep\n    command: sleep 300 & echo $$ $! > {marker}; wait\n"
+    jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+    env = tack_env(tmp_path, jetstream.url)
+    proc = TackProcess(env, tmp_path / "tack-0.log")
+    proc.wait_for_log("listening")
+    wait_until(lambda: knot.open_connections == 1, timeout=20)
+    record = push_pipeline(knot.name, OWNER, "hello", [("sleep.yml", "shell", raw)])
+    knot.send_pipeline(record)
+    wait_until(marker.exists, timeout=20, what="the step to start")
+    wait_until(lambda: len(marker.read_text().split()) == 2)
+    shell_pid, sleep_pid = map(int, marker.read_text().split())
+    workspaces = list((tmp_path / "workspaces").iterdir())
+    assert workspaces, "the step runs in a workspace"
+    proc.kill()
+    proc = TackProcess(env, tmp_path / "tack-1.log")
+    try:
+        port = proc.wait_for_log("listening")["port"]
+        client = EventsClient(port).start()
+        wait_until(lambda: client.statuses("sleep.yml") == ["pending", "running", "failed"])
+        for pid in (shell_pid, sleep_pid):
+            assert not _alive(pid), f"process {pid} of the killed tack's step still runs"
+        assert not any(w.exists() for w in workspaces), "the workspace was removed"
+    finally:
+        assert proc.terminate() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_instance_on_the_same_database_exits_2(tmp_path, jetstream):
+    env = tack_env(tmp_path, jetstream.url)
+    first = TackProcess(env, tmp_path / "first.log")
+    try:
+        first.wait_for_log("listening")
+        second = subprocess.run(
+            [sys.executable, "-m", "tack"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"in use by another tack (PID {first.proc.pid})" in lines[0]
+        assert "SPINDLE_SERVER_DB_PATH" in lines[0]
+    finally:
+        assert first.terminate() == 0
+
+
+def test_sighup_stops_tack_in_order(tmp_path, jetstream):
+    proc = TackProcess(tack_env(tmp_path, jetstream.url), tmp_path / "tack.log")
+    proc.wait_for_log("listening")
+    proc.proc.send_signal(signal.SIGHUP)
+    assert proc.wait(15) == 0
+    messages = [(line["message"], line.get("signal")) for line in proc.log_lines()]
+    assert ("signal received", "SIGHUP") in messages
+    assert ("tack stopped", None) in messages
+
+
+# --- start-up and upgrades -------------------------------------------------------------------
+
+
+def start_once(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tack"], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def _busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "port in use",
+        "unresolvable host",
+        "missing folder",
+        "unwritable folder",
+        "not sqlite",
+        "log dir is a file",
+    ],
+)
+def test_start_up_failures_are_one_line_and_exit_2(tmp_path, jetstream, case):
+    env = tack_env(tmp_path, jetstream.url)
+    busy = _busy_port()
+    expected = {
+        "port in use": ("SPINDLE_SERVER_LISTEN_ADDR", "Address already in use"),
+        "unresolvable host": ("SPINDLE_SERVER_LISTEN_ADDR", "cannot resolve"),
+        "missing folder": ("SPINDLE_SERVER_DB_PATH", "does not exist"),
+        "unwritable folder": ("SPINDLE_SERVER_DB_PATH", "spindle.db"),
+        "not sqlite": ("SPINDLE_SERVER_DB_PATH", "is not a SQLite database"),
+        "log dir is a file": ("SPINDLE_SERVER_LOG_DIR", "is not a directory"),
+    }[case]
+    if case == "port in use":
+        env["SPINDLE_SERVER_LISTEN_ADDR"] = f"127.0.0.1:{busy.getsockname()[1]}"
+    elif case == "unresolvable host":
+        env["SPINDLE_SERVER_LISTEN_ADDR"] = "no-such-host.invalid:6555"
+    elif case == "missing folder":
+        env["SPINDLE_SERVER_DB_PATH"] = str(tmp_path / "nope" / "spindle.db")
+    elif case == "unwritable folder":
+        env["SPINDLE_SERVER_DB_PATH"] = "/sys/spindle.db"  # not even root may create files there
+    elif case == "not sqlite":
+        Path(env["SPINDLE_SERVER_DB_PATH"]).write_text("these are not the tables you seek\n" * 100)
+    elif case == "log dir is a file":
+        Path(env["SPINDLE_SERVER_LOG_DIR"]).write_text("a file\n")
+    try:
+        result = start_once(env)
+    finally:
+        busy.close()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    setting, words = expected
+    assert lines[0].startswith("tack: ") and setting in lines[0] and words in lines[0], lines[0]
+    if case in ("port in use", "unresolvable host"):
+        assert not Path(env["SPINDLE_SERVER_DB_PATH"]).exists(), "nothing created before the port"
+
+
+@pytest.mark.parametrize("listen", ["[::1]:0", "[::]:0"])
+def test_ipv6_listen_addresses_work(tmp_path, jetstream, listen):
+    if not socket.has_ipv6 or not Path("/proc/net/if_inet6").exists():
+        pytest.skip("this machine has no IPv6 (no /proc/net/if_inet6)")
+    env = tack_env(tmp_path, jetstream.url, SPINDLE_SERVER_LISTEN_ADDR=listen)
+    proc = TackProcess(env, tmp_path / "tack.log")
+    try:
+        port = proc.wait_for_log("listening")["port"]
+        with socket.create_connection(("::1", port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_a_newer_schema_refuses_to_start(tmp_path, jetstream):
+    env = tack_env(tmp_path, jetstream.url)
+    first = start_and_stop(env, tmp_path)
+    assert first == 0
+    with sqlite3.connect(env["SPINDLE_SERVER_DB_PATH"]) as db:
+        db.execute("INSERT INTO schema_version (version) VALUES (99)")
+    result = start_once(env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "schema (version 99) is newer than this tack's" in lines[0]
+
+
+def start_and_stop(env: dict, tmp_path: Path) -> int:
+    proc = TackProcess(env, tmp_path / "boot.log")
+    proc.wait_for_log("listening")
+    return proc.terminate()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a disk that fills up for real (ENOSPC)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_said_so(tmp_path, jetstream, clock, small_disk):
+    """SQLite reports the disk full, and the log says so instead of peewee's
+    "cannot rollback - no transaction is active" that used to hide it."""
+    env = tack_env(tmp_path, jetstream.url, SPINDLE_SERVER_DB_PATH=str(small_disk / "spindle.db"))
+    long_name = "x" * 1500
+    jetstream.add(
+        *[
+            commit(clock, OWNER, MEMBER, f"m{i}", "create", member(f"did:plc:{long_name}{i}"))
+            for i in range(2000)
+        ]
+    )
+    proc = TackProcess(env, tmp_path / "full.log")
+    try:
+        line = proc.wait_for_log("store busy, retrying the same events", timeout=30)
+        assert line["error"].startswith("disk is full"), line
+    finally:
+        proc.kill()
