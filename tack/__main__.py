@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     try:
         settings = config.load()
-        context = backends.Context(settings.hostname, settings.dev)
+        context = backends.Context.for_config(settings)
         configured = backends.load(settings.config_file, context)
     except config.ConfigError as exc:
         print(f"tack: configuration error: {exc}", file=sys.stderr)

@@ -19,16 +19,20 @@ so a token cannot make tack fetch from inside the network.
 from __future__ import annotations
 
 import http.client
+import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import unquote
 
+import httpx
 from atproto_identity.cache.in_memory_cache import DidInMemoryCache
 from atproto_identity.did.resolver import DidResolver
+from atproto_identity.did.resolvers.plc_resolver import DidPlcResolver
 from atproto_identity.did.resolvers.web_resolver import DidWebResolver
-from atproto_identity.exceptions import DidWebResolverError
+from atproto_identity.exceptions import DidPlcResolverError, DidWebResolverError
 from atproto_server.auth import jwt as atproto_jwt
 
 from . import logs
@@ -45,6 +49,8 @@ MAX_DID_DOCUMENT = 64 * 1024
 # ``iat`` and ``exp``, as the reference validator allows.
 CLOCK_LEEWAY = 5
 SERVICE_FRAGMENT = "#tangled_spindle"
+PLC_DID = re.compile(r"^did:plc:[a-z2-7]{24}$")
+WEB_DID = re.compile(r"^did:web:[A-Za-z0-9.-]{1,253}(%3[Aa][0-9]{1,5})?$")
 
 
 class AuthError(Exception):
@@ -114,11 +120,44 @@ class _BoundedCache(DidInMemoryCache):
         return len(self._cache)
 
 
+class _PlcResolver(DidPlcResolver):
+    """did:plc from the operator's PLC directory, streamed with a size cap and
+    one deadline for the whole answer (the library reads any size, for as
+    long as the server drips it)."""
+
+    def resolve_without_validation(self, did: str) -> dict[str, Any] | None:
+        if not PLC_DID.match(did):
+            raise DidPlcResolverError(f"not a did:plc identifier: {did[:80]}")
+        deadline = time.monotonic() + (self._timeout or RESOLVE_TIMEOUT)
+        try:
+            with self._client.stream("GET", f"{self._plc_url}/{did}", timeout=self._timeout) as r:
+                if r.status_code == 404:
+                    return None
+                r.raise_for_status()
+                body = bytearray()
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DID_DOCUMENT:
+                        raise DidPlcResolverError(f"document over {MAX_DID_DOCUMENT} bytes")
+                    if time.monotonic() > deadline:
+                        raise DidPlcResolverError("no complete document in time")
+        except httpx.HTTPError as exc:
+            raise DidPlcResolverError(f"cannot resolve {did}: {exc}") from None
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise DidPlcResolverError("document is not JSON") from None
+        if not isinstance(document, dict):
+            raise DidPlcResolverError("document is not a JSON object")
+        return document
+
+
 class _Resolver(DidResolver):
     def __init__(self, plc_url: str, timeout: float, dev: bool, cache_entries: int) -> None:
         self.cache = _BoundedCache(cache_entries, max_ttl=CACHE_SECONDS)
         super().__init__(plc_url, timeout, self.cache)
         self._methods["web"] = _WebResolver(timeout, dev)
+        self._methods["plc"] = _PlcResolver(plc_url, timeout, self.cache)
 
 
 class ServiceAuth:
@@ -192,7 +231,8 @@ class ServiceAuth:
         raise LookupError(f"{did} names no PDS")
 
     def _signing_key(self, did: str, force_refresh: bool) -> str:
-        if not did.startswith(("did:plc:", "did:web:")):
+        # Checked whole, not by prefix: the DID becomes part of a URL.
+        if not (PLC_DID.match(did) or WEB_DID.match(did)):
             raise AuthError("token issuer must be a did:plc or did:web identity")
         try:
             return self._resolver.resolve_atproto_key(did, force_refresh)

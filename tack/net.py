@@ -49,10 +49,38 @@ def _is_ip_literal(host: str) -> bool:
 def vetted_addresses(host: str, port: int, dev: bool) -> list[tuple]:
     """getaddrinfo results tack may connect to: all in dev mode, else public ones."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = [info for info in infos if dev or ipaddress.ip_address(info[4][0]).is_global]
+    addresses = [info for info in infos if dev or is_public(info[4][0])]
     if not addresses:
         raise HostRefused(f"{host} resolves only to non-public addresses")
     return addresses
+
+
+# IPv6 ranges that carry an IPv4 address inside: the address that counts is
+# the embedded one (NAT64 64:ff9b::/96 and 64:ff9b:1::/48 at the end, 6to4
+# 2002::/16 after the prefix; mapped and compatible ::/96 forms at the end).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def is_public(address: str) -> bool:
+    """A globally routable address, judged by the IPv4 address an IPv6 one
+    embeds where it embeds one (a NAT64 prefix reaches 127.0.0.1 as well)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            return embedded.is_global
+    return ip.is_global
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in (*_NAT64, _COMPATIBLE)):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.socket:

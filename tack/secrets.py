@@ -27,6 +27,11 @@ log = logs.get("secrets")
 KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_KEY = 50
 MAX_VALUE = 200
+MAX_SECRETS_PER_REPO = 100
+
+
+class TooManySecrets(Exception):
+    """The repo holds as many secrets as one repo may."""
 
 
 class DuplicateSecret(Exception):
@@ -113,6 +118,8 @@ class SecretStore:
         with self._db.atomic():
             if Secret.get_or_none((Secret.repo == repo) & (Secret.key == key)):
                 raise DuplicateSecret(key)
+            if Secret.select().where(Secret.repo == repo).count() >= MAX_SECRETS_PER_REPO:
+                raise TooManySecrets(MAX_SECRETS_PER_REPO)
             Secret.create(
                 repo=repo,
                 key=key,

@@ -38,7 +38,7 @@ from .scheduler import Scheduler
 from .secrets import SecretStore, load_keys, rotation_requested
 from .startup import DatabaseLock, bind_listener, check_log_dir, open_store
 from .statuses import StatusLog
-from .store import Pipeline
+from .store import Pipeline, Workflow
 from .stream import Backoff
 from .worklogs import LogBook
 
@@ -58,7 +58,7 @@ class Spindle:
         """``backends`` (and the ``context`` they were built with) may come
         pre-loaded, so configuration errors surface before anything starts."""
         self.config = config
-        self.context = context or Context(config.hostname, config.dev)
+        self.context = context or Context.for_config(config)
         if backends is None:
             backends = backend_registry.load(config.config_file, self.context)
         self.stop_event = threading.Event()
@@ -80,7 +80,7 @@ class Spindle:
         self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
         self.backends = backends
-        self.callbacks = CallbackHub(self.statuses, self.stop_event)
+        self.callbacks = CallbackHub(self.statuses, self.stop_event, self._secrets_of_workflow)
         self.context.callbacks = self.callbacks
         backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self.secrets = SecretStore(self.db, load_keys(config.secrets_key, config.key_file))
@@ -151,6 +151,14 @@ class Spindle:
         logstream = PipelineLogStream(self.statuses, self.logbook, self.stop_event)
         app.get_routes[LOGSTREAM_PATH] = logstream.route
         self.server = Server(self.httpd, app)
+
+    def _secrets_of_workflow(self, workflow_id: int) -> list[str]:
+        workflow = Workflow.get_or_none(Workflow.id == workflow_id)
+        if workflow is None:
+            return []
+        key = (Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey)
+        pipeline = Pipeline.get_or_none(key)
+        return [] if pipeline is None else list(self._secrets_for(pipeline).values())
 
     def _secrets_for(self, pipeline: Pipeline) -> dict[str, str]:
         """The secrets of the repo a pipeline belongs to, and no other repo's."""

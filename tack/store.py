@@ -389,6 +389,17 @@ def open_database(path: str) -> SqliteDatabase:
     return db
 
 
+def release_connection() -> None:
+    """Close this thread's connection, if it has one.
+
+    peewee keeps one connection per thread; threads that live long but query
+    rarely (stream followers, knot readers) give theirs back after use, so
+    thousands of them do not hold thousands of SQLite descriptors.
+    """
+    if database.obj is not None and not database.is_closed():
+        database.close()
+
+
 def compile_once(build: Callable[[], peewee.Query]) -> Callable[[], str]:
     """The SQL of a statement on a hot path, built by peewee on first use.
 

@@ -55,6 +55,10 @@ def load_document(raw: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise WorkflowError(raw.removeprefix(UNREADABLE))
     if len(raw.encode("utf-8", errors="replace")) > MAX_RAW_BYTES:
         raise WorkflowError(f"workflow file is larger than {MAX_RAW_BYTES} bytes")
+    if "*" in raw and _has_alias(raw):
+        # An alias repeats what its anchor holds: a few hundred bytes of
+        # nested aliases expand to gigabytes ("billion laughs").
+        raise WorkflowError("YAML aliases (*name) are not allowed in workflow files")
     try:
         document = yaml.load(raw, Loader=_LOADER)  # a safe loader: no Python objects
         text = yaml.load(raw, Loader=_TEXT_LOADER)  # every scalar a string
@@ -69,6 +73,15 @@ def load_document(raw: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(document, dict) or not isinstance(text, dict):
         raise WorkflowError("workflow file must be a mapping at the top level")
     return document, text
+
+
+def _has_alias(raw: str) -> bool:
+    """Whether the document uses an alias, from the parser's events (so an
+    asterisk in a string or a comment does not count)."""
+    try:
+        return any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(raw, Loader=_LOADER))
+    except yaml.YAMLError:
+        return False  # the loader will say what is wrong with it
 
 
 def parse(raw: str) -> WorkflowSpec:

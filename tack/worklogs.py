@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import logs
@@ -80,16 +80,40 @@ class LogBook:
         return self._version
 
 
+# `base64` wraps its output at 76 columns, each line the encoding of 57 bytes.
+BASE64_LINE_BYTES = 57
+
+
 def secret_variants(secrets: Iterable[str]) -> list[str]:
-    """Each secret as it could appear in output: verbatim and base64-encoded."""
+    """Each secret as it could appear in output: verbatim, base64-encoded
+    whole, and, for a long secret, the base64 of each 57-byte piece (the
+    lines of a wrapped `base64` output), so no line of it shows in clear."""
     variants: set[str] = set()
     for value in secrets:
         if len(value) < 3:  # masking "a" would shred the whole log
             continue
         variants.add(value)
-        variants.add(base64.b64encode(value.encode()).decode().rstrip("="))
+        raw = value.encode()
+        variants.add(base64.b64encode(raw).decode().rstrip("="))
+        if len(raw) > BASE64_LINE_BYTES:
+            for start in range(0, len(raw), BASE64_LINE_BYTES):
+                piece = base64.b64encode(raw[start : start + BASE64_LINE_BYTES]).decode()
+                if len(piece.rstrip("=")) >= 4:
+                    variants.add(piece.rstrip("="))
     # Longest first, so a secret containing another is masked whole.
     return sorted(variants, key=len, reverse=True)
+
+
+def masker(secrets: Iterable[str]) -> Callable[[str], str]:
+    """A function masking ``secrets`` (in all their variants) in a text."""
+    variants = secret_variants(secrets)
+    return lambda text: _mask(text, variants)
+
+
+def _mask(text: str, variants: list[str]) -> str:
+    for secret in variants:
+        text = text.replace(secret, MASK)
+    return text
 
 
 class WorkflowLog:
@@ -110,9 +134,7 @@ class WorkflowLog:
             self._failed(exc)
 
     def mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
+        return _mask(text, self._secrets)
 
     def start_step(self, step_id: int, name: str, kind: int, command: str | None = None) -> None:
         line = self._control(step_id, name, "start", kind)

@@ -28,7 +28,14 @@ from websockets.server import ServerProtocol
 from websockets.sync.server import ServerConnection, serve
 
 HOSTNAME = "spindle.test"
-OWNER = "did:plc:owner"
+
+
+def plc_did(name: str) -> str:
+    """A well-formed did:plc (24 base32 characters) that reads as ``name``."""
+    return "did:plc:" + name.ljust(24, "2")
+
+
+OWNER = plc_did("owner")
 BASE_TIME_US = 1_725_000_000_000_000
 MEMBER = "sh.tangled.spindle.member"
 REPO = "sh.tangled.repo"

@@ -33,6 +33,7 @@ from .standins import (
     TackProcess,
     commit,
     db_rows,
+    plc_did,
     repo,
     tack_env,
     wait_until,
@@ -40,9 +41,9 @@ from .standins import (
 
 REPO_DID = "did:plc:repoone"
 OTHER_DID = "did:plc:repotwo"
-ALICE = "did:plc:alice"  # collaborator on REPO_DID
-BOB = "did:plc:bob"  # nobody here
-CAROL = "did:plc:carol"  # collaborator on OTHER_DID only
+ALICE = plc_did("alice")  # collaborator on REPO_DID
+BOB = plc_did("bob")  # nobody here
+CAROL = plc_did("carol")  # collaborator on OTHER_DID only
 TRIGGER, CANCEL = f"{CI}.triggerPipeline", f"{CI}.cancelPipeline"
 NEVER = "when:\n  - event: pull_request\n    branch: no-such-branch\n"
 FILES = {

@@ -28,6 +28,7 @@ from .standins import (
     TackProcess,
     commit,
     member,
+    plc_did,
     push_pipeline,
     repo,
     tack_env,
@@ -36,8 +37,8 @@ from .standins import (
 )
 
 REPO_DID = "did:plc:repo1"
-ALICE = "did:plc:alice"  # a collaborator, added by the knot
-MALLORY = "did:plc:mallory"  # nobody here
+ALICE = plc_did("alice")  # a collaborator, added by the knot
+MALLORY = plc_did("mallory")  # nobody here
 PULL = "sh.tangled.repo.pull"
 PULL_STATUS = "sh.tangled.repo.pull.status"
 

@@ -161,7 +161,8 @@ def test_every_bad_callback_is_refused_without_a_state_change(webhook_tack, knot
 
     assert post(status_url, {"status": "success"}, None)[0] == 401
     assert post(status_url, {"status": "success"}, "wrong-token")[0] == 401
-    assert post(other, {"status": "success"}, token)[0] == 404
+    # Another workflow id with this token: refused as a wrong token (ids are not enumerable).
+    assert post(other, {"status": "success"}, token)[0] == 401
     assert post(status_url, None, token, raw=b"{not json")[0] == 400
     assert post(status_url, {"status": "pending"}, token)[0] == 400
     assert post(status_url, {"status": "success", "exitCode": "zero"}, token)[0] == 400
@@ -370,3 +371,21 @@ callback_url = "http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         receiver.close()
+
+
+def test_a_ci_error_reaches_events_with_secrets_masked(webhook_tack, knot):
+    secret = "hunter2-correct-horse"
+
+    def a_ci_that_leaks(delivery: dict) -> None:
+        callback = delivery["callback"]
+        error = f"deploy failed: token {secret} rejected"
+        post(callback["status_url"], {"status": "failed", "error": error}, callback["token"])
+
+    receiver = CIReceiver(act=a_ci_that_leaks)
+    spindle = webhook_tack(receiver)
+    repo_row = spindle.directory.repo_by_name(OWNER, "hello")
+    spindle.secrets.add(repo_row.at_uri, "DEPLOY_TOKEN", secret, OWNER)
+    client, _ = send(spindle, knot)
+    wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=20)
+    error = client.frames[-1]["event"]["error"]
+    assert secret not in error and error == "deploy failed: token *** rejected"

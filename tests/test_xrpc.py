@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .identities import SPINDLE_DID, DocumentHost, Identity
 from .spindle_clients import EventsClient, read_log
-from .standins import COLLABORATOR, OWNER, collaborator, commit, push_pipeline, wait_until
+from .standins import COLLABORATOR, OWNER, collaborator, commit, plc_did, push_pipeline, wait_until
 
-ALICE = "did:plc:alice"  # a collaborator the owner added
-BOB = "did:plc:bob"  # not related to the repo
-CAROL = "did:plc:carol"  # "granted" by Bob, who does not own the repo
+ALICE = plc_did("alice")  # a collaborator the owner added
+BOB = plc_did("bob")  # not related to the repo
+CAROL = plc_did("carol")  # "granted" by Bob, who does not own the repo
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_every_unauthenticated_or_unauthorized_call_is_refused(xrpc_tack, plc):
     owner = plc.register(Identity(OWNER))
     bob = plc.register(Identity(BOB))
     carol = plc.register(Identity(CAROL))
-    stranger = Identity("did:plc:unregistered")  # PLC answers 404 for it
+    stranger = Identity(plc_did("unregistered"))  # PLC answers 404 for it
     add = {"repo": uri, "key": "K", "value": "v"}
 
     def refused(token, body=add, method=ADD) -> tuple[int, str]:
@@ -204,9 +204,10 @@ def test_every_unauthenticated_or_unauthorized_call_is_refused(xrpc_tack, plc):
     assert refused(owner.token(ADD), {**add, "key": "K" * 51}) == (400, "InvalidRequest")
     assert refused(owner.token(ADD), {**add, "value": "v" * 201}) == (400, "InvalidRequest")
     assert refused(owner.token(ADD), {**add, "value": 5}) == (400, "InvalidRequest")
-    assert refused(
-        owner.token(ADD), {**add, "repo": "at://did:plc:owner/sh.tangled.repo/none"}
-    ) == (404, "RepoNotFound")
+    assert refused(owner.token(ADD), {**add, "repo": f"at://{OWNER}/sh.tangled.repo/none"}) == (
+        404,
+        "RepoNotFound",
+    )
     assert refused(owner.token(ADD), {**add, "repo": "https://example.com"}) == (
         400,
         "InvalidRequest",

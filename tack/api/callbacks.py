@@ -19,13 +19,14 @@ import hashlib
 import hmac
 import re
 import threading
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .. import logs, retry
 from ..statuses import FINAL, RUNNING, StatusLog
 from ..store import Workflow, merge_backend_state
-from ..worklogs import MAX_CONTENT, USER_STEP, WorkflowLog
+from ..worklogs import MAX_CONTENT, USER_STEP, WorkflowLog, masker
 
 if TYPE_CHECKING:
     from .server import Handler
@@ -67,9 +68,17 @@ class Channel:
 
 
 class CallbackHub:
-    def __init__(self, statuses: StatusLog, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        statuses: StatusLog,
+        stop: threading.Event,
+        secrets_of: Callable[[int], Iterable[str]] = lambda workflow_id: (),
+    ) -> None:
+        """``secrets_of(workflow_id)``: the secret values to mask in what a
+        CI reports for that workflow (its error text reaches /events)."""
         self._statuses = statuses
         self._stop = stop
+        self._secrets_of = secrets_of
         self._channels: dict[int, Channel] = {}
         self._lock = threading.Lock()
 
@@ -106,16 +115,20 @@ class CallbackHub:
             return
         workflow_id = int(match["id"])
         limit = MAX_STATUS_BODY if match["what"] == "status" else MAX_LOGS_BODY
-        body = handler.read_json(limit)
-        if body is None:
-            return
         workflow = Workflow.get_or_none(Workflow.id == workflow_id)
-        if workflow is None:
-            _error(handler, HTTPStatus.NOT_FOUND, "NotFound", "unknown workflow")
-            return
-        if not _token_matches(handler, workflow):
+        # The token comes first, before the body is read or parsed. An
+        # unknown workflow is refused like a wrong token: the answer must not
+        # tell which workflow ids exist. The unread body ends the connection.
+        if workflow is None or not _token_matches(handler, workflow):
             log.warning("callback refused: bad token", extra={"workflow_id": workflow_id})
+            handler.close_connection = True
             _error(handler, HTTPStatus.UNAUTHORIZED, "Unauthorized", "missing or wrong token")
+            return
+        raw = handler.read_body(limit)
+        if raw is None:
+            return
+        body = handler.parse_json(raw)
+        if body is None:
             return
         if match["what"] == "status":
             self._status(handler, workflow, body)
@@ -128,10 +141,13 @@ class CallbackHub:
             _error(handler, HTTPStatus.BAD_REQUEST, "InvalidRequest", problem)
             return
         status = body["status"]
+        error = body.get("error")
+        if error is not None:
+            error = masker(self._secrets_of(workflow.id))(error)
 
         def record() -> tuple[bool, str]:
             with self._statuses.writing() as statuses:
-                changed = statuses.append(workflow, status, body.get("error"), body.get("exitCode"))
+                changed = statuses.append(workflow, status, error, body.get("exitCode"))
                 return changed, Workflow.get_by_id(workflow.id).status
 
         changed, current = retry.store_writes(self._stop, log, "store busy, retrying callback")(

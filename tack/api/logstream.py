@@ -28,7 +28,7 @@ import orjson
 
 from .. import logs
 from ..statuses import FINAL, StatusLog
-from ..store import Workflow
+from ..store import Workflow, release_connection
 from ..worklogs import SYSTEM_STEP, LogBook, read_raw_lines
 from . import view
 from .server import ClientGone, ServerWebSocket, encode_binary_frame
@@ -136,8 +136,14 @@ class PipelineLogStream:
             # seen final is drained by one more read, then done.
             if statuses_seen != self._statuses.latest_id:
                 statuses_seen = self._statuses.latest_id
+                finals = {
+                    follow.workflow_id: Workflow.get_by_id(follow.workflow_id).status in FINAL
+                    for follow in follows
+                    if not follow.done
+                }
+                release_connection()  # none held while waiting
                 for follow in follows:
-                    if not follow.done and Workflow.get_by_id(follow.workflow_id).status in FINAL:
+                    if finals.get(follow.workflow_id):
                         self._send_new_lines(ws, [follow])
                         follow.done = True
                 if all(follow.done for follow in follows):

@@ -14,7 +14,9 @@ its log file and writes to its own socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import select
 import socket
 import threading
@@ -34,7 +36,7 @@ from ..config import is_hostname
 from ..pipelines import is_workflow_name
 from ..records import is_rkey
 from ..statuses import FINAL, StatusLog
-from ..store import Workflow
+from ..store import Workflow, release_connection
 from ..worklogs import LogBook, read_lines
 
 log = logs.get("server")
@@ -46,6 +48,9 @@ PING_EVERY = 30.0
 LINGER = 0.005
 SEND_TIMEOUT = 10.0
 SEND_BUFFER = 256 * 1024
+HEADER_TIMEOUT = 10.0
+# Unsent bytes a peer may leave queued before it counts as not reading.
+MAX_BACKLOG = 4 * 1024 * 1024
 MAX_BODY = 64 * 1024
 
 Route = Callable[["Handler", dict[str, list[str]]], None]
@@ -86,17 +91,37 @@ class ServerWebSocket:
         self.open = True
 
     def send_encoded(self, data: bytes) -> None:
-        """Frames already encoded by ``encode_text_frames``; blocks until written."""
-        self._send(data)
+        """Frames already encoded; blocks until written (up to SEND_TIMEOUT).
+
+        For a connection's own thread (/logs, the log subscription), which no
+        other thread writes for: waiting for the socket happens outside the
+        write lock, so nothing else ever waits on this peer.
+        """
+        deadline = time.monotonic() + SEND_TIMEOUT
+        pending = data
+        while not self.send_nowait(pending):
+            pending = b""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.open = False
+                raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s")
+            _wait_for(self._sock, select.POLLOUT, left)
 
     def send_nowait(self, data: bytes = b"") -> bool:
-        """Write what the socket takes now and keep the rest; True once nothing is left."""
+        """Write what the socket takes now and keep the rest; True once nothing is left.
+
+        Never blocks. A peer that lets more than MAX_BACKLOG pile up (it does
+        not read, not even its pongs) is stalled, and dropped.
+        """
         with self._write_lock:
             self._backlog += data
             while self._backlog:
                 try:
                     sent = self._sock.send(self._backlog)
                 except BlockingIOError:
+                    if len(self._backlog) > MAX_BACKLOG:
+                        self.open = False
+                        raise ClientStalled("not reading: too much unsent") from None
                     return False
                 except OSError as exc:
                     self.open = False
@@ -112,7 +137,7 @@ class ServerWebSocket:
     def poll(self, timeout: float = 0.0) -> None:
         """Answer what the peer sent (pings, close), waiting up to ``timeout`` for it;
         raise ClientGone once it closed."""
-        while self.open and select.select([self._sock], [], [], timeout)[0]:
+        while self.open and _wait_for(self._sock, select.POLLIN, timeout):
             timeout = 0.0
             try:
                 data = self._sock.recv(65536)
@@ -136,13 +161,17 @@ class ServerWebSocket:
     def close(self, code: int = 1000, reason: str = "") -> None:
         if not self.open:
             return
-        self.open = False
         try:
             self._send_event(CloseConnection(code=code, reason=reason))
-            if select.select([self._sock], [], [], 1.0)[0]:
+            self.open = False
+            deadline = time.monotonic() + 1.0
+            # Let what is queued (the close frame last) go out, briefly.
+            while not self.send_nowait() and time.monotonic() < deadline:
+                _wait_for(self._sock, select.POLLOUT, deadline - time.monotonic())
+            if _wait_for(self._sock, select.POLLIN, max(deadline - time.monotonic(), 0.05)):
                 self._sock.recv(1024)  # the peer's closing handshake, best effort
         except (OSError, ClientGone):
-            pass
+            self.open = False
 
     def abort(self) -> None:
         """Cut the connection now (a dropped subscriber); its reader wakes and ends."""
@@ -151,37 +180,20 @@ class ServerWebSocket:
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def _send_event(self, event: Any) -> None:
+        """Control frames (pong, ping, close) never block: they join the queue
+        behind whatever is partly written, and go out as the socket drains
+        (the broadcaster's next pass, or this connection's next write)."""
         with self._conn_lock:
             data = self._conn.send(event)
-        self._send(data)
+        self.send_nowait(data)
 
-    def _send(self, data: bytes) -> None:
-        with self._write_lock:
-            if self._backlog:
-                # Behind a partly written frame: queue after it for the
-                # broadcaster to flush, keeping frame boundaries intact.
-                self._backlog += data
-                return
-            self._write_all(memoryview(data))
 
-    def _write_all(self, view: memoryview) -> None:
-        """Blocking write with a deadline: a peer that reads nothing for
-        SEND_TIMEOUT is stalled, and we stop waiting for it."""
-        deadline = time.monotonic() + SEND_TIMEOUT
-        while view:
-            try:
-                view = view[self._sock.send(view) :]
-                continue
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.open = False
-                raise ClientGone(f"send failed: {exc}") from None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.open = False
-                raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s")
-            select.select([], [self._sock], [], left)
+def _wait_for(sock: socket.socket, events: int, timeout: float) -> bool:
+    """Wait until ``sock`` is ready for ``events``; poll(2) has no descriptor
+    limit, where select(2) fails for descriptors of 1024 and above."""
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 class _Subscription:
@@ -307,23 +319,57 @@ class Handler(BaseHTTPRequestHandler):
     # every answer on a kept-alive connection waits for the client's delayed
     # ACK (about 40 ms).
     disable_nagle_algorithm = True
+    content_length = 0
+    _head_only = False
+
+    def setup(self) -> None:
+        # How long a request's head (and a kept-alive connection between
+        # requests) may take: a client that connects and says nothing is let go.
+        self.timeout = self.server.header_timeout
+        super().setup()
 
     def do_GET(self) -> None:
-        self._dispatch(self.server.app.get_routes)
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._head_only = True
+        self._dispatch("GET")
 
     def do_POST(self) -> None:
-        self._dispatch(self.server.app.post_routes)
+        self._dispatch("POST")
 
-    def _dispatch(self, routes: dict[str, Route]) -> None:
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        if not self._framing_ok():
+            return
         parts = urlsplit(self.path)
-        route = routes.get(parts.path)
+        if method == "GET" and self.content_length and not self._discard_body():
+            return
+        route = self.server.app.route_for(method, parts.path)
         if route is None:
-            for (method, prefix), prefixed in self.server.app.prefix_routes.items():
-                if method == self.command and parts.path.startswith(prefix):
-                    route = prefixed
-                    break
-        if route is None:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": "NotFound", "message": "no such route"})
+            allowed = self.server.app.methods_for(parts.path)
+            self.close_connection = self.close_connection or bool(self.content_length)
+            if allowed:
+                self.send_json(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    {"error": "MethodNotAllowed", "message": f"use {', '.join(allowed)}"},
+                    {"Allow": ", ".join(allowed)},
+                )
+            else:
+                self.send_json(
+                    HTTPStatus.NOT_FOUND, {"error": "NotFound", "message": "no such route"}
+                )
             return
         try:
             route(self, parse_qs(parts.query))
@@ -339,6 +385,39 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.app.release_db()
 
+    def _framing_ok(self) -> bool:
+        """Where the body ends must be certain, or the rest of the connection
+        could be read as another request (request smuggling): one
+        Content-Length of plain digits, and no Transfer-Encoding (tack takes
+        none); anything else is refused and the connection closed."""
+        lengths = self.headers.get_all("Content-Length") or []
+        problem = None
+        if self.headers.get_all("Transfer-Encoding"):
+            problem = (HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not supported")
+        elif len(lengths) > 1:
+            problem = (HTTPStatus.BAD_REQUEST, "more than one Content-Length")
+        elif lengths and not _is_length(lengths[0]):
+            problem = (HTTPStatus.BAD_REQUEST, "Content-Length must be plain digits")
+        if problem is not None:
+            self.close_connection = True
+            self.send_json(problem[0], {"error": "InvalidRequest", "message": problem[1]})
+            return False
+        self.content_length = int(lengths[0]) if lengths else 0
+        return True
+
+    def _discard_body(self) -> bool:
+        """A GET with a body: read it away (small) so it is not taken for the
+        next request, or refuse and close."""
+        if self.content_length > MAX_BODY:
+            self.close_connection = True
+            self.send_json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": "InvalidRequest", "message": f"body over {MAX_BODY} bytes"},
+            )
+            return False
+        self.rfile.read(self.content_length)
+        return True
+
     # --- helpers for routes ---------------------------------------------------------
 
     def send_body(
@@ -350,31 +429,40 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if not self._head_only:
+            self.wfile.write(body)
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self.send_body(status, json.dumps(payload).encode(), "application/json", headers)
 
     def read_json(self, limit: int = MAX_BODY) -> Any:
         """The request body as JSON, or None after answering 4xx."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        raw = self.read_body(limit)
+        return None if raw is None else self.parse_json(raw)
+
+    def read_body(self, limit: int = MAX_BODY) -> bytes | None:
+        """The request body (at most ``limit`` bytes), or None after answering 4xx."""
+        if "Content-Length" not in self.headers:
             self.send_json(
                 HTTPStatus.LENGTH_REQUIRED,
                 {"error": "InvalidRequest", "message": "Content-Length required"},
             )
             return None
-        if not 0 <= length <= limit:
+        length = self.content_length
+        if length > limit:
             self.close_connection = True  # the unread body must not be taken for a request
             self.send_json(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 {"error": "InvalidRequest", "message": f"body over {limit} bytes"},
             )
             return None
+        return self.rfile.read(length)
+
+    def parse_json(self, raw: bytes) -> Any:
+        """``raw`` as JSON, or None after answering 400."""
         try:
-            return json.loads(self.rfile.read(length))
-        except ValueError:
+            return json.loads(raw)
+        except (ValueError, RecursionError):  # however it fails, it is not our JSON
             self.send_json(
                 HTTPStatus.BAD_REQUEST, {"error": "InvalidRequest", "message": "body is not JSON"}
             )
@@ -410,10 +498,104 @@ class Handler(BaseHTTPRequestHandler):
         )
 
 
+def _is_length(value: str) -> bool:
+    return value.isascii() and value.isdigit() and len(value) <= 12
+
+
 class TackHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, within bounds.
+
+    - a listen backlog that absorbs bursts;
+    - at most ``max_connections`` open at once, and ``max_per_client`` from one
+      address: past either, a new connection gets a short 503 and is closed,
+      without a thread;
+    - at the descriptor limit, new connections are accepted on a reserved
+      descriptor and closed at once (shed), instead of the accept loop
+      spinning on EMFILE; the connections already open go on being served.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
+    max_connections = 4096
+    max_per_client = 1024
+    header_timeout = HEADER_TIMEOUT
     app: App
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._guard = threading.Lock()
+        self._open: dict[int, str] = {}
+        self._per_client: dict[str, int] = {}
+        self._reserve: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._shed_logged = 0.0
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._shed()
+            raise
+
+    def _shed(self) -> None:
+        """Out of descriptors: take one pending connection on the reserve and drop it."""
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+        with contextlib.suppress(OSError):
+            connection, _ = self.socket.accept()
+            connection.close()
+        with contextlib.suppress(OSError):
+            self._reserve = os.open(os.devnull, os.O_RDONLY)
+        if time.monotonic() - self._shed_logged > 10:
+            self._shed_logged = time.monotonic()
+            log.warning("out of file descriptors: new connections are shed")
+
+    def process_request(self, request, client_address) -> None:
+        client = client_address[0] if isinstance(client_address, tuple) else "?"
+        with self._guard:
+            full = len(self._open) >= self.max_connections
+            crowded = self._per_client.get(client, 0) >= self.max_per_client
+            if not (full or crowded):
+                self._open[request.fileno()] = client
+                self._per_client[client] = self._per_client.get(client, 0) + 1
+        if full or crowded:
+            _refuse(request, "too many connections" if full else "too many from this client")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._guard:
+            client = self._open.pop(request.fileno(), None) if request.fileno() >= 0 else None
+            if client is not None:
+                left = self._per_client.get(client, 1) - 1
+                if left:
+                    self._per_client[client] = left
+                else:
+                    self._per_client.pop(client, None)
+        super().shutdown_request(request)
+
+    @property
+    def open_connections(self) -> int:
+        with self._guard:
+            return len(self._open)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("connection failed", extra={"client": str(client_address)[:100]})
+
+
+def _refuse(request: socket.socket, reason: str) -> None:
+    """A short 503 without reading the request: best effort, never blocking."""
+    body = json.dumps({"error": "Unavailable", "message": reason}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):
+        request.setblocking(False)
+        request.send(head.encode() + body)
 
 
 class App:
@@ -444,10 +626,25 @@ class App:
         self.post_routes: dict[str, Route] = {}
         self.prefix_routes: dict[tuple[str, str], Route] = {("GET", "/logs/"): self.logs}
 
+    def route_for(self, method: str, path: str) -> Route | None:
+        """The route serving ``method`` on ``path`` (HEAD is served as GET)."""
+        exact = {"GET": self.get_routes, "POST": self.post_routes}.get(method, {})
+        if path in exact:
+            return exact[path]
+        for (prefix_method, prefix), route in self.prefix_routes.items():
+            if prefix_method == method and path.startswith(prefix):
+                return route
+        return None
+
+    def methods_for(self, path: str) -> list[str]:
+        """The methods ``path`` answers (for a 405's Allow header); [] if none."""
+        methods = [m for m in ("GET", "POST") if self.route_for(m, path) is not None]
+        return [*methods, "HEAD"] if "GET" in methods else methods
+
     def release_db(self) -> None:
-        """Each connection thread's database handle closes with its request."""
-        if not self.db.is_closed():
-            self.db.close()
+        """Each connection thread's database handle closes with its request
+        (and long-lived ones between their queries)."""
+        release_connection()
 
     def banner(self, handler: Handler, query: dict) -> None:
         text = (
@@ -481,18 +678,13 @@ class App:
     # --- /events ------------------------------------------------------------------------
 
     def events(self, handler: Handler, query: dict) -> None:
-        raw_cursor = (query.get("cursor") or ["0"])[0]
-        if not raw_cursor.isdigit() or len(raw_cursor) > 20:
-            handler.send_json(
-                HTTPStatus.BAD_REQUEST,
-                {"error": "InvalidRequest", "message": "cursor must be unix ns"},
-            )
-            return
-        cursor = int(raw_cursor)
+        cursor = _cursor((query.get("cursor") or [""])[0])
         ws = handler.upgrade()
         if ws is None:
             return
         after = self.statuses.first_id_after(cursor) if cursor else self.statuses.latest_id
+        # A subscriber may stay for days: it holds no database connection.
+        self.release_db()
         client = handler.client_address[0]
         log.info("events subscriber connected", extra={"client": client, "cursor": cursor})
         subscription = self.broadcaster.subscribe(ws, after, client)
@@ -550,7 +742,9 @@ class App:
                 # asked about this one's status only when some status moved.
                 if statuses_seen != self.statuses.latest_id:
                     statuses_seen = self.statuses.latest_id
-                    if Workflow.get_by_id(workflow_id).status in FINAL:
+                    final = Workflow.get_by_id(workflow_id).status in FINAL
+                    self.release_db()  # a follower holds no connection while it waits
+                    if final:
                         # Lines are written before the final status commits, so
                         # one more read after seeing it finds everything.
                         lines, offset = read_lines(path, offset)
@@ -563,6 +757,15 @@ class App:
             ws.close(1001, "spindle shutting down")
         except ClientGone:
             pass
+
+
+def _cursor(raw: str) -> int:
+    """An /events cursor: unix ns as ASCII digits. Anything else (a Unicode
+    digit, a number past int64, garbage) streams from now, as the official
+    spindle does."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) < 2**63:
+        return int(raw)
+    return 0
 
 
 class Server:

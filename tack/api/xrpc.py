@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .. import logs
 from ..auth import AuthError, ServiceAuth
 from ..scheduler import Scheduler
-from ..secrets import KEY_RE, MAX_KEY, MAX_VALUE, DuplicateSecret, SecretStore
+from ..secrets import KEY_RE, MAX_KEY, MAX_VALUE, DuplicateSecret, SecretStore, TooManySecrets
 from ..store import Directory, Pipeline, Repo, Workflow
 
 if TYPE_CHECKING:
@@ -128,6 +128,8 @@ class Xrpc:
             self._secrets.add(repo.at_uri, key, value, caller)
         except DuplicateSecret:
             raise XrpcError(400, "DuplicateSecret", f"secret {key} already exists") from None
+        except TooManySecrets as exc:
+            raise XrpcError(400, "TooManySecrets", f"a repo holds at most {exc} secrets") from None
         log.info("secret added", extra={"repo": repo.at_uri, "key": key, "did": caller})
         return {}
 
@@ -184,8 +186,10 @@ class Xrpc:
                 400, "InvalidRequest", "repo must be an at-uri of a sh.tangled.repo record"
             )
         repo = Repo.get_or_none((Repo.did == match["did"]) & (Repo.rkey == match["rkey"]))
-        if repo is None:
-            raise XrpcError(404, "RepoNotFound", "this spindle knows no such repo")
+        # A repo record anyone can write is not enough: only repos this
+        # spindle serves (their owner is the owner or a member) hold secrets.
+        if repo is None or not self._directory.is_member(repo.did):
+            raise XrpcError(404, "RepoNotFound", "this spindle serves no such repo")
         if caller != repo.did and not self._directory.is_collaborator(repo, caller):
             raise XrpcError(403, "Forbidden", "only the repo owner and its collaborators may")
         return repo

@@ -22,6 +22,7 @@ through ``WorkflowLog`` and returns an ``Outcome``:
 
 from __future__ import annotations
 
+import os
 import threading
 import tomllib
 from collections.abc import Callable
@@ -45,10 +46,22 @@ class Context:
     hostname: str
     dev: bool
     callbacks: CallbackHub | None = None
+    # tack's own state (database, key file, logs): what a sandbox hides.
+    private_paths: tuple[str, ...] = ()
 
     @property
     def public_url(self) -> str:
         return f"{'http' if self.dev else 'https'}://{self.hostname}"
+
+    @classmethod
+    def for_config(cls, config: Any) -> Context:
+        """The context of a configured tack: its name and its state's folders."""
+        state = {
+            os.path.dirname(os.path.abspath(config.db_path)),
+            os.path.abspath(config.log_dir),
+            os.path.dirname(os.path.abspath(config.key_file)),
+        }
+        return cls(config.hostname, config.dev, private_paths=tuple(sorted(state)))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import logs
 from ..net import HostRefused, open_vetted_socket, vet_host
+from ..store import release_connection
 from ..stream import Backoff, Follower
 
 if TYPE_CHECKING:
@@ -108,7 +109,12 @@ class _KnotStream:
         return f"{scheme}://{self.knot}/events?cursor={cursor}"
 
     def _on_frame(self, frame: str | bytes) -> None:
-        position = self._consumer.intake.handle(self.knot, frame)
+        try:
+            position = self._consumer.intake.handle(self.knot, frame)
+        finally:
+            # Knots are mostly idle: a reader thread holds no database
+            # connection between frames (two descriptors each otherwise).
+            release_connection()
         if position is None:
             return
         cursor, self._exact = position
@@ -130,6 +136,7 @@ class _KnotStream:
             return
         self._dirty = False
         self._saved_at = time.monotonic()
+        release_connection()
 
 
 class KnotConsumer:
