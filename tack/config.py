@@ -262,6 +262,21 @@ SETTINGS: tuple[Setting, ...] = (
         "60",
         "cap of the exponential reconnect delay",
     ),
+    Setting(
+        "TACK_MAX_CONNECTIONS",
+        "max_connections",
+        _bounded(int, 16, 1_000_000),
+        "4096",
+        "HTTP/websocket connections open at once; past it a new one gets 503",
+    ),
+    Setting(
+        "TACK_MAX_CONNECTIONS_PER_CLIENT",
+        "max_connections_per_client",
+        _bounded(int, 1, 1_000_000),
+        "1024",
+        "connections open at once from one client address (raise it for an appview "
+        "that follows many logs from one address)",
+    ),
 )
 
 
@@ -284,6 +299,8 @@ class Config:
     secrets_key_file: str | None
     reconnect_min: float
     reconnect_max: float
+    max_connections: int
+    max_connections_per_client: int
 
     @property
     def spindle_did(self) -> str:

@@ -66,6 +66,8 @@ class Spindle:
         # migrated until both are ours (startup.py).
         with contextlib.ExitStack() as undo:
             self.httpd = bind_listener(config.listen, TackHTTPServer, Handler)
+            self.httpd.max_connections = config.max_connections
+            self.httpd.max_per_client = config.max_connections_per_client
             undo.callback(self.httpd.server_close)
             self.lock = DatabaseLock(config.db_path)
             undo.callback(self.lock.release)

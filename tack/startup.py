@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import socket
 from pathlib import Path
 
@@ -27,7 +28,15 @@ class StartupError(ConfigError):
 
 
 def bind_listener(listen: tuple[str, int], server_class: type, handler: type):
-    """An HTTP server bound to ``listen`` (IPv4, IPv6 or a name)."""
+    """An HTTP server bound to ``listen`` (IPv4, IPv6 or a name).
+
+    The soft limit on open descriptors is raised to the hard one first: a
+    spindle holds a socket per knot and per subscriber.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     host, port = listen
     setting = "SPINDLE_SERVER_LISTEN_ADDR"
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import sqlite3
 import threading
@@ -52,13 +53,9 @@ def tack(served_knot):
 
 
 @pytest.fixture
-def served_knot(jetstream, knot, make_spindle, clock):
-    from .standins import REPO, commit, repo
-
-    spindle = make_spindle(real_knots=True)
-    jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
-    wait_until(lambda: knot.open_connections == 1, what="knot subscription")
-    return spindle, knot
+def served_knot(serve_repo, knot):
+    """tack (in-process) serving OWNER's repo ``hello`` on the knot stand-in."""
+    return serve_repo(), knot
 
 
 # --- 1. connections --------------------------------------------------------------------------
@@ -335,6 +332,8 @@ def test_nat64_6to4_and_mapped_addresses_are_judged_by_their_ipv4():
 def test_a_step_cannot_read_tacks_state(tmp_path, jetstream, knot, clock):
     from .standins import REPO, commit, repo
 
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) is not installed; .ci/run installs it")
     env = tack_env(tmp_path, jetstream.url, TACK_SECRETS_KEY_FILE=str(tmp_path / "state.key"))
     jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
     tack = TackProcess(env, tmp_path / "tack.log")

@@ -87,11 +87,9 @@ def test_a_far_future_tid_never_becomes_a_knot_cursor(served_knot):
 
 
 @pytest.fixture
-def served_knot(jetstream, knot, make_spindle, clock):
-    spindle = make_spindle(real_knots=True)
-    jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
-    wait_until(lambda: knot.open_connections == 1, what="knot subscription")
-    return spindle, knot
+def served_knot(serve_repo, knot):
+    """tack (in-process) serving OWNER's repo ``hello`` on the knot stand-in."""
+    return serve_repo(), knot
 
 
 # --- stuck or left behind --------------------------------------------------------------------
@@ -131,18 +129,15 @@ def test_a_workflow_file_the_loader_chokes_on_fails_that_workflow(served_knot, r
 def test_kill_9_mid_step_leaves_nothing_running(tmp_path, jetstream, knot, clock):
     """The step and what it spawned die with tack, or at the latest when tack
     starts again; its workspace goes; the workflow is reported `failed` once."""
-    marker = tmp_path / "step.pid"
-    raw = f"steps:\n  - name: Sleep\n    command: sleep 300 & echo $$ $! > {marker}; wait\n"
+    marker = "317.25"  # a sleep only this step runs, to find its processes by
+    raw = f"steps:\n  - name: Sleep\n    command: sleep {marker} & sleep {marker}\n"
     jetstream.add(commit(clock, OWNER, REPO, "r1", "create", repo("hello", knot.name)))
     env = tack_env(tmp_path, jetstream.url)
     proc = TackProcess(env, tmp_path / "tack-0.log")
     proc.wait_for_log("listening")
     wait_until(lambda: knot.open_connections == 1, timeout=20)
-    record = push_pipeline(knot.name, OWNER, "hello", [("sleep.yml", "shell", raw)])
-    knot.send_pipeline(record)
-    wait_until(marker.exists, timeout=20, what="the step to start")
-    wait_until(lambda: len(marker.read_text().split()) == 2)
-    shell_pid, sleep_pid = map(int, marker.read_text().split())
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("sleep.yml", "shell", raw)]))
+    wait_until(lambda: len(_running(marker)) == 2, timeout=20, what="the step's two sleeps")
     workspaces = list((tmp_path / "workspaces").iterdir())
     assert workspaces, "the step runs in a workspace"
     proc.kill()
@@ -151,19 +146,26 @@ def test_kill_9_mid_step_leaves_nothing_running(tmp_path, jetstream, knot, clock
         port = proc.wait_for_log("listening")["port"]
         client = EventsClient(port).start()
         wait_until(lambda: client.statuses("sleep.yml") == ["pending", "running", "failed"])
-        for pid in (shell_pid, sleep_pid):
-            assert not _alive(pid), f"process {pid} of the killed tack's step still runs"
+        assert _running(marker) == [], "the killed tack's step still runs"
         assert not any(w.exists() for w in workspaces), "the workspace was removed"
     finally:
         assert proc.terminate() == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def _running(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmdline[:1] == [b"sleep"] and marker.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def test_a_second_instance_on_the_same_database_exits_2(tmp_path, jetstream):

@@ -297,7 +297,7 @@ def test_the_did_cache_is_bounded(plc):
     from tack.auth import ServiceAuth
 
     auth = ServiceAuth(SPINDLE_DID, plc.url, dev=True, cache_entries=2)
-    people = [plc.register(Identity(f"did:plc:person{i}")) for i in range(3)]
+    people = [plc.register(Identity(plc_did("person" + "abc"[i]))) for i in range(3)]
     for person in people:
         assert auth.caller(f"Bearer {person.token(LIST)}", LIST) == person.did
     assert auth.cached_identities == 2

@@ -679,12 +679,14 @@ class App:
 
     def events(self, handler: Handler, query: dict) -> None:
         cursor = _cursor((query.get("cursor") or [""])[0])
-        ws = handler.upgrade()
-        if ws is None:
-            return
+        # "Now" is before the handshake completes: the client may act on the
+        # open connection at once, and what that causes must reach it.
         after = self.statuses.first_id_after(cursor) if cursor else self.statuses.latest_id
         # A subscriber may stay for days: it holds no database connection.
         self.release_db()
+        ws = handler.upgrade()
+        if ws is None:
+            return
         client = handler.client_address[0]
         log.info("events subscriber connected", extra={"client": client, "cursor": cursor})
         subscription = self.broadcaster.subscribe(ws, after, client)
