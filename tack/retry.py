@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
@@ -62,10 +63,27 @@ def describe_io_error(exc: BaseException) -> str:
     return text[:300]
 
 
-def store_writes(stop: threading.Event, log: logging.Logger, message: str) -> Retrying:
-    """Retry a store operation through locks and I/O errors, logging each wait."""
+def store_writes(stop: threading.Event, log: logging.Logger, message: str) -> Callable[..., Any]:
+    """Retry a store operation through locks and I/O errors, logging each wait.
+
+    The operation is tried once as it is; only when that fails with a
+    transient error is a tenacity policy built and used (building one costs
+    more than most store writes).
+    """
 
     def log_wait(state: RetryCallState) -> None:
         log.warning(message, extra={"attempt": state.attempt_number, "error": last_error(state)})
 
-    return until_stopped(stop, retry_if=is_transient, initial=0.05, cap=2.0, before_sleep=log_wait)
+    def call(operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc) or stop.is_set():
+                raise
+            log.warning(message, extra={"attempt": 0, "error": describe_io_error(exc)})
+        retrying = until_stopped(
+            stop, retry_if=is_transient, initial=0.05, cap=2.0, before_sleep=log_wait
+        )
+        return retrying(operation, *args, **kwargs)
+
+    return call

@@ -70,16 +70,18 @@ class Scheduler:
             thread.start()
             self._threads.append(thread)
 
-    def wake(self) -> None:
-        """New work is in the store."""
+    def wake(self, count: int = 1) -> None:
+        """``count`` workflows were queued: wake that many idle workers, not
+        all of them (200 workers racing for one workflow cost ~100x)."""
         with self._work:
-            self._work.notify_all()
+            self._work.notify(count)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         for cancel in list(self._cancels.values()):
             cancel.set()
-        self.wake()
+        with self._work:
+            self._work.notify_all()
         for thread in self._threads:
             thread.join(timeout)
 

@@ -79,8 +79,8 @@ class Spindle:
 
     def _build(self, config: Config, knots: KnotSubscriptions | None, backends: Backends) -> None:
         self.directory = store.Directory(config.hostname, config.owner)
-        self.statuses = StatusLog(self.db, encode=encode_text_frame)
         self.logbook = LogBook(config.log_dir)
+        self.statuses = StatusLog(self.db, encode=encode_text_frame, on_final=self.logbook.notify)
         self.backends = backends
         self.callbacks = CallbackHub(self.statuses, self.stop_event, self._secrets_of_workflow)
         self.context.callbacks = self.callbacks

@@ -76,9 +76,18 @@ RECENT_EVENTS = 20_000
 
 
 class StatusLog:
-    def __init__(self, db: peewee.Database, encode: Callable[[str], bytes] = str.encode) -> None:
+    def __init__(
+        self,
+        db: peewee.Database,
+        encode: Callable[[str], bytes] = str.encode,
+        on_final: Callable[[int], None] = lambda workflow_id: None,
+    ) -> None:
+        """``on_final(workflow_id)`` runs after a final status commits (log
+        followers of that workflow wake to drain and close)."""
         self._db = db
         self._encode = encode
+        self._on_final = on_final
+        self._finals: list[int] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._clock_id = random.randrange(1024)
@@ -101,15 +110,17 @@ class StatusLog:
         every write that belongs with the statuses (pipeline rows, workflows).
         """
         with self._lock:
-            self._uncommitted = []
+            self._uncommitted, self._finals = [], []
             try:
                 with self._db.atomic():
                     yield self
             except BaseException:
-                self._uncommitted = []
+                self._uncommitted, self._finals = [], []
                 raise
             if self._uncommitted:
                 self._publish(self._uncommitted)
+            for workflow_id in self._finals:
+                self._on_final(workflow_id)
 
     def _publish(self, events: list[tuple[int, bytes]]) -> None:
         with self._changed:
@@ -158,6 +169,8 @@ class StatusLog:
             _INSERT_EVENT(), (rkey, created, workflow.id, status, frame)
         ).lastrowid
         self._uncommitted.append((event_id, self._encode(frame)))
+        if status in FINAL:
+            self._finals.append(workflow.id)
         workflow.status = status
         log.info(
             "workflow status",
@@ -205,9 +218,13 @@ class StatusLog:
 
     def first_id_after(self, cursor_ns: int) -> int:
         """The id after which events newer than ``cursor_ns`` start."""
+        # Walks the unique index on ``created`` down from the cursor: one row
+        # read, where MAX(id) over every older event read them all.
         last = (
-            StatusEvent.select(peewee.fn.MAX(StatusEvent.id))
+            StatusEvent.select(StatusEvent.id)
             .where(StatusEvent.created <= cursor_ns)
+            .order_by(StatusEvent.created.desc())
+            .limit(1)
             .scalar()
         )
         return last or 0

@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from . import logs
@@ -35,8 +35,8 @@ class LogBook:
     def __init__(self, log_dir: str | Path) -> None:
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._changed = threading.Condition()
-        self._version = 0
+        self._guard = threading.Lock()
+        self._watchers: dict[int, set[threading.Event]] = {}
 
     def path(self, workflow_id: int) -> Path:
         return self.dir / f"{int(workflow_id)}.jsonl"
@@ -45,7 +45,8 @@ class LogBook:
         self, workflow_id: int, secrets: Iterable[str] = (), fresh: bool = False
     ) -> WorkflowLog:
         """Append to a workflow's log; ``fresh`` starts it over (a retried intake)."""
-        return WorkflowLog(self, self.path(workflow_id), secrets, "w" if fresh else "a")
+        mode = "w" if fresh else "a"
+        return WorkflowLog(self, self.path(workflow_id), secrets, mode, workflow_id)
 
     def cut(self, workflow_id: int, size: int) -> int:
         """Cut a workflow's log back to ``size`` bytes (a backend's last log
@@ -64,20 +65,37 @@ class LogBook:
         os.truncate(path, size)
         return extra
 
-    def notify(self) -> None:
-        with self._changed:
-            self._version += 1
-            self._changed.notify_all()
+    @contextlib.contextmanager
+    def watching(self, workflow_ids: Iterable[int]) -> Iterator[threading.Event]:
+        """An event set whenever one of these workflows' logs grows (or the
+        workflow ends, see ``notify``): only its own followers wake, so one
+        chatty build does not wake every follower of every other one.
 
-    def wait(self, seen_version: int, timeout: float) -> int:
-        """Wait until any log grew since ``seen_version``; the new version."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._version != seen_version, timeout)
-            return self._version
+        Clear it *before* reading, then wait on it: a line written in
+        between sets it again, so no wake-up is lost.
+        """
+        event = threading.Event()
+        ids = list(workflow_ids)
+        with self._guard:
+            for workflow_id in ids:
+                self._watchers.setdefault(workflow_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._guard:
+                for workflow_id in ids:
+                    watchers = self._watchers.get(workflow_id)
+                    if watchers is not None:
+                        watchers.discard(event)
+                        if not watchers:
+                            del self._watchers[workflow_id]
 
-    @property
-    def version(self) -> int:
-        return self._version
+    def notify(self, workflow_id: int) -> None:
+        """Wake the followers of one workflow."""
+        with self._guard:
+            watchers = list(self._watchers.get(workflow_id, ()))
+        for event in watchers:
+            event.set()
 
 
 # `base64` wraps its output at 76 columns, each line the encoding of 57 bytes.
@@ -119,8 +137,11 @@ def _mask(text: str, variants: list[str]) -> str:
 class WorkflowLog:
     """Appends one workflow's lines; safe to call from several threads."""
 
-    def __init__(self, book: LogBook, path: Path, secrets: Iterable[str], mode: str) -> None:
+    def __init__(
+        self, book: LogBook, path: Path, secrets: Iterable[str], mode: str, workflow_id: int
+    ) -> None:
         self._book = book
+        self._workflow_id = workflow_id
         self._lock = threading.Lock()
         self._path = path
         self._secrets = secret_variants(secrets)
@@ -206,7 +227,7 @@ class WorkflowLog:
                 self._failed(exc)
                 return
             self.lines += 1
-        self._book.notify()
+        self._book.notify(self._workflow_id)
 
     def _failed(self, exc: OSError) -> None:
         self.failure = f"{type(exc).__name__}: {exc.strerror or exc}"

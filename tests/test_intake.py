@@ -547,6 +547,37 @@ def test_pull_requests_need_push_rights(served, current_knot, jetstream, clock, 
     assert (MALLORY, "bafymallory1") not in plc.blob_requests, "no fetch for an outsider"
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"title": "t", "rounds": [], "createdAt": "2026-09-01T10:00:00Z"},  # no target
+        {
+            "title": "t",
+            "target": {"repo": "not a did", "branch": "main"},
+            "source": {"branch": "f"},
+            "rounds": [{"patchBlob": {"ref": {"$link": "bafyaaaaaaaa"}}}],
+            "createdAt": "2026-09-01T10:00:00Z",
+        },
+        {
+            "title": "t",
+            "target": {"repo": REPO_DID, "branch": "main"},
+            "source": {"branch": "f"},
+            "rounds": [{"patchBlob": "not a blob"}],
+            "createdAt": "2026-09-01T10:00:00Z",
+        },
+    ],
+)
+def test_malformed_pull_records_are_skipped(served, jetstream, clock, caplog, record):
+    spindle, _, client = served
+    jetstream.add(commit(clock, OWNER, PULL, "bad", "create", record))
+    marker = commit(clock, OWNER, REPO, "r2", "create", repo("two", "knot.example.com"))
+    jetstream.add(marker)
+    wait_until(lambda: spindle.directory.repo_by_name(OWNER, "two") is not None)
+    bad = [r for r in caplog.records if r.getMessage() == "bad record skipped"]
+    assert len(bad) == 1 and bad[0].collection == PULL
+    assert client.pipelines() == []
+
+
 def test_collaborator_records_name_the_repo_by_did(served, jetstream, clock):
     spindle, _, _ = served
     record = {"subject": ALICE, "repo": REPO_DID, "createdAt": "2026-01-01T00:00:00Z"}

@@ -96,8 +96,11 @@ class PipelineLogStream:
         ws = handler.upgrade()
         if ws is None:
             return
-        with contextlib.suppress(ClientGone):
-            self._stream(ws, follows)
+        with (
+            contextlib.suppress(ClientGone),
+            self._logbook.watching(f.workflow_id for f in follows) as grew,
+        ):
+            self._stream(ws, follows, grew)
 
     def _select(self, handler: Handler, query: dict) -> list[_Follow] | None:
         """The workflows to follow, or None after answering the error."""
@@ -125,11 +128,11 @@ class PipelineLogStream:
             if row.name in wanted
         ]
 
-    def _stream(self, ws: ServerWebSocket, follows: list[_Follow]) -> None:
+    def _stream(self, ws: ServerWebSocket, follows: list[_Follow], grew: threading.Event) -> None:
         statuses_seen = -1
         while not self._stop.is_set():
             ws.poll()
-            version = self._logbook.version
+            grew.clear()
             if self._send_new_lines(ws, follows):
                 continue
             # Lines are written before a final status commits, so a workflow
@@ -150,7 +153,7 @@ class PipelineLogStream:
                     ws.close(1000, "pipeline finished")
                     return
             ws.ping_if_due()
-            self._logbook.wait(version, 1.0)
+            grew.wait(1.0)
         ws.close(1001, "spindle shutting down")
 
     @staticmethod

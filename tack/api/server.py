@@ -129,6 +129,11 @@ class ServerWebSocket:
                 del self._backlog[:sent]
             return True
 
+    @property
+    def has_backlog(self) -> bool:
+        """Bytes are queued: the peer is slow; more is not sent until they go."""
+        return bool(self._backlog)
+
     def ping_if_due(self) -> None:
         if time.monotonic() - self._last_ping >= PING_EVERY:
             self._send_event(Ping())
@@ -240,20 +245,24 @@ class Broadcaster:
 
     def _run(self) -> None:
         seen = -1
-        busy = False
+        sent = behind = False
         while not self._stop.is_set():
-            if busy:
-                self._stop.wait(LINGER)  # let a burst gather into one write
+            if behind:
+                pass  # a backfill in progress: the next batch at once, no linger
+            elif sent:
+                self._stop.wait(LINGER)  # a small batch went: let a burst gather
             else:
                 self._statuses.wait_beyond(seen, 0.25)
             seen = self._statuses.latest_id
-            busy = False
+            sent = behind = False
             for subscription in self._subscriptions:
                 try:
-                    busy |= self._serve(subscription)
+                    sent |= self._serve(subscription)
                 except Exception:
                     log.exception("broadcast failed", extra={"client": subscription.client})
                     self._end(subscription)
+                    continue
+                behind |= subscription.after < seen and not subscription.ws.has_backlog
 
     def _serve(self, subscription: _Subscription) -> bool:
         """Send what this subscriber can take; True if it has more to come."""
@@ -729,19 +738,25 @@ class App:
         self._follow_log(ws, workflow.id)
 
     def _follow_log(self, ws: ServerWebSocket, workflow_id: int) -> None:
+        with self.logbook.watching([workflow_id]) as grew:
+            self._follow_log_while(ws, workflow_id, grew)
+
+    def _follow_log_while(
+        self, ws: ServerWebSocket, workflow_id: int, grew: threading.Event
+    ) -> None:
         path = self.logbook.path(workflow_id)
         offset = 0
         statuses_seen = -1
         try:
             while not self.stop.is_set():
                 ws.poll()
-                version = self.logbook.version
+                grew.clear()
                 lines, offset = read_lines(path, offset)
                 if lines:
                     ws.send_encoded(encode_text_frames(lines))
                     continue
-                # Any workflow's log line wakes every follower; the store is
-                # asked about this one's status only when some status moved.
+                # The store is asked about this one's status only when some
+                # status moved.
                 if statuses_seen != self.statuses.latest_id:
                     statuses_seen = self.statuses.latest_id
                     final = Workflow.get_by_id(workflow_id).status in FINAL
@@ -755,7 +770,7 @@ class App:
                         ws.close(1000, "workflow finished")
                         return
                 ws.ping_if_due()
-                self.logbook.wait(version, 1.0)
+                grew.wait(1.0)
             ws.close(1001, "spindle shutting down")
         except ClientGone:
             pass

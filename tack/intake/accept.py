@@ -66,7 +66,7 @@ class Acceptor:
         statuses: StatusLog,
         logbook: LogBook,
         backends: Backends,
-        on_accepted: Callable[[], None],
+        on_accepted: Callable[[int], None],
         stop: threading.Event,
     ) -> None:
         self._statuses = statuses
@@ -104,7 +104,7 @@ class Acceptor:
                 "workflows": [w.name for w in new.workflows],
             },
         )
-        self._on_accepted()
+        self._on_accepted(len(new.workflows))
         return rkey
 
     def _write(self, new: NewPipeline) -> str | None:
