@@ -7,6 +7,10 @@ collaborators and deletes) from the loopback stand-in, then measures in one run:
 - ingest: a real ``python -m tack`` process, from its subscription until the
   cursor of the last event is committed; and that process's peak RSS.
 
+- ingest again with ``BENCH_STORED`` repo records already stored (written
+  through tack's own migrations before it starts): ingest must not slow
+  with the store (target: >= 0.8 of the empty-store rate).
+
 Targets on a 2-core machine: ingest >= 10,000 events/s, ratio >= 0.5, RSS <= 100 MB.
 The last line printed is one JSON object with the figures.
 """
@@ -41,6 +45,7 @@ from tests.standins import (
 )
 
 EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
+STORED = int(os.environ.get("BENCH_STORED", "1000000"))
 
 
 def make_events(count: int) -> list[dict]:
@@ -87,10 +92,31 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def tack_ingest(url: str, standin: JetstreamStandin, last: int) -> tuple[float, float]:
+def prefill(db_path: Path, rows: int) -> None:
+    """``rows`` served repo records, as if ingested long ago."""
+    from tack import store
+
+    db = store.open_database(str(db_path))
+    with db.atomic():
+        db.cursor().executemany(
+            "INSERT INTO repo (did, rkey, name, knot, spindle, repo_did, created_at)"
+            " VALUES (?, ?, ?, ?, ?, NULL, ?)",
+            (
+                (OWNER, f"old{i}", f"old{i}", "knot.test", "spindle.test", "2026-01-01T00:00:00Z")
+                for i in range(rows)
+            ),
+        )
+    db.close()
+
+
+def tack_ingest(
+    url: str, standin: JetstreamStandin, last: int, stored: int = 0
+) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         env = tack_env(tmp_path, url, TACK_LOG_LEVEL="warning")
+        if stored:
+            prefill(tmp_path / "spindle.db", stored)
         before = len(standin.subscriptions)
         proc = TackProcess(env, tmp_path / "tack.log")
         while len(standin.subscriptions) == before:
@@ -119,6 +145,11 @@ def main() -> None:
     print(f"raw floor: {raw_eps:,.0f} events/s")
     ingest_eps, rss = tack_ingest(standin.url, standin, events[-1]["time_us"])
     print(f"tack ingest: {ingest_eps:,.0f} events/s, peak RSS {rss:.1f} MB")
+    stored_eps, _ = tack_ingest(standin.url, standin, events[-1]["time_us"], STORED)
+    print(
+        f"tack ingest with {STORED:,} repo records stored: {stored_eps:,.0f} events/s,"
+        f" {stored_eps / ingest_eps:.2f} of the empty-store rate (target >= 0.8)"
+    )
     standin.close()
     result = {
         "events": EVENTS,
@@ -126,6 +157,9 @@ def main() -> None:
         "ingest_eps": round(ingest_eps),
         "ratio": round(ingest_eps / raw_eps, 3),
         "rss_mb": round(rss, 1),
+        "stored": STORED,
+        "ingest_stored_eps": round(stored_eps),
+        "stored_ratio": round(stored_eps / ingest_eps, 3),
     }
     print(json.dumps(result))
 

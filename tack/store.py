@@ -400,6 +400,22 @@ def release_connection() -> None:
         database.close()
 
 
+def _column_by_keys(table: str, column: str, keys: list[tuple[str, str]]) -> set[str]:
+    """One column of the rows with these (did, rkey) keys, in one query.
+
+    A join against the keys as a VALUES list walks the primary key once per
+    key; ``(did, rkey) IN (…)`` would scan the whole table.
+    """
+    if not keys:
+        return set()
+    values = ", ".join("(?, ?)" for _ in keys)
+    sql = (
+        f"SELECT DISTINCT t.{column} FROM (VALUES {values}) AS k "
+        f"JOIN {table} AS t ON t.did = k.column1 AND t.rkey = k.column2"
+    )
+    return {row[0] for row in database.execute_sql(sql, [v for key in keys for v in key])}
+
+
 def compile_once(build: Callable[[], peewee.Query]) -> Callable[[], str]:
     """The SQL of a statement on a hot path, built by peewee on first use.
 
@@ -488,13 +504,31 @@ def _params(change: records.Change) -> tuple:
     return (change.did, change.rkey)
 
 
-def apply_changes(changes: Iterable[records.Change]) -> None:
-    """Write changes in order; call inside a transaction."""
+def apply_changes(
+    changes: Iterable[records.Change], may_grant: Callable[[str], bool] = lambda did: True
+) -> None:
+    """Write changes in order; call inside a transaction.
+
+    A collaborator record is kept only when ``may_grant(author)``: only a
+    repo's owner grants, and only the owner's and members' repos are served,
+    so records by anyone else can never matter (the network has many). It is
+    asked when the run is written, so a member invited earlier in the same
+    batch counts.
+    """
     cursor = database.cursor()
-    for (action, collection), run in itertools.groupby(
+    for (action, collection), grouped in itertools.groupby(
         changes, key=lambda c: (c.action, c.collection)
     ):
-        if action in ("upsert", "delete"):
+        run = list(grouped)
+        if action == "upsert" and collection == records.COLLABORATOR:
+            granting = {did: may_grant(did) for did in {c.did for c in run}}
+            refused = [c for c in run if not granting[c.did]]
+            run = [c for c in run if granting[c.did]]
+            if refused:  # an earlier copy, if any, goes
+                cursor.executemany(
+                    _statement("delete", collection), [(c.did, c.rkey) for c in refused]
+                )
+        if action in ("upsert", "delete") and run:
             cursor.executemany(_statement(action, collection), [_params(c) for c in run])
         elif action == "delete_account":
             for change in run:
@@ -583,6 +617,24 @@ class Directory:
             (Repo.spindle == self.hostname)
             & ((Repo.did == self.owner) | Repo.did.in_(self._members()))
         )
+
+    def is_knot_wanted(self, knot: str) -> bool:
+        return self._served_repos().where(Repo.knot == knot).exists()
+
+    def knots_of_repos(self, keys: list[tuple[str, str]]) -> set[str]:
+        """The knots these stored repo records, by (did, rkey), name now."""
+        return _column_by_keys("repo", "knot", keys)
+
+    def member_subjects(self, keys: list[tuple[str, str]]) -> set[str]:
+        """Whom these stored member records, by (did, rkey), invite now."""
+        return _column_by_keys("member", "subject", keys)
+
+    def knots_of_owners(self, dids: set[str]) -> set[str]:
+        """The knots of every stored repo these DIDs own."""
+        if not dids:
+            return set()
+        query = Repo.select(Repo.knot).where(Repo.did.in_(list(dids))).distinct()
+        return {row.knot for row in query}
 
     def wanted_knots(self) -> set[str]:
         """Knots hosting at least one repo we serve: the streams to subscribe to."""

@@ -206,6 +206,39 @@ def test_account_deletion_removes_that_dids_rows(jetstream, make_spindle, clock)
     assert spindle.knots.knots == set()
 
 
+def test_collaborator_records_by_strangers_are_not_kept(jetstream, make_spindle, clock):
+    """Only a repo's owner grants, and only the owner's and members' repos are
+    served: anyone else's collaborator records are not stored at all."""
+    spindle = make_spindle()
+    stranger = "did:plc:stranger"
+    send_and_wait(
+        jetstream,
+        spindle,
+        *[
+            commit(
+                clock,
+                stranger,
+                COLLABORATOR,
+                f"c{i}",
+                "create",
+                collaborator(ALICE, f"at://{stranger}/sh.tangled.repo/r{i}"),
+            )
+            for i in range(20)
+        ],
+        commit(clock, OWNER, MEMBER, "m1", "create", member(ALICE)),
+        commit(
+            clock,
+            ALICE,
+            COLLABORATOR,
+            "c1",
+            "create",
+            collaborator(BOB, f"at://{ALICE}/sh.tangled.repo/r1"),
+        ),
+    )
+    rows = db_rows(spindle.config.db_path)["collaborator"]
+    assert [(r[0], r[1]) for r in rows] == [(ALICE, "c1")]
+
+
 def test_identity_events_and_other_collections_are_ignored(jetstream, make_spindle, clock):
     spindle = make_spindle()
     identity = {
