@@ -301,6 +301,14 @@ def test_a_did_web_host_that_drips_is_given_up_on_in_time(jetstream, make_spindl
         drip.shutdown()
 
 
+def test_an_oversized_plc_document_is_refused(jetstream, make_spindle, plc):
+    spindle = make_spindle(SPINDLE_SERVER_PLC_URL=plc.url)
+    heavy = plc.register(Identity(plc_did("heavy")))
+    plc.documents[heavy.did]["padding"] = "x" * 200_000  # over the 64 KiB cap
+    status, body = _xrpc(spindle, "sh.tangled.repo.listSecrets", heavy.token(None), "?repo=x")
+    assert status == 401 and "could not resolve" in body["message"]
+
+
 def test_an_issuer_is_validated_whole_before_it_becomes_a_url(jetstream, make_spindle, plc):
     spindle = make_spindle(SPINDLE_SERVER_PLC_URL=plc.url)
     sneaky = Identity("did:plc:x/../../admin")
