@@ -262,7 +262,10 @@ class Broadcaster:
                     log.exception("broadcast failed", extra={"client": subscription.client})
                     self._end(subscription)
                     continue
-                behind |= subscription.after < seen and not subscription.ws.has_backlog
+                # A backfill: a full batch or more still to go (ids are dense).
+                # Anything less is a live burst, which lingering gathers.
+                lag = seen - subscription.after
+                behind |= lag >= self.BATCH and not subscription.ws.has_backlog
 
     def _serve(self, subscription: _Subscription) -> bool:
         """Send what this subscriber can take; True if it has more to come."""
