@@ -21,6 +21,7 @@ from . import logs, store
 from .api.callbacks import PREFIX as CALLBACK_PREFIX
 from .api.callbacks import CallbackHub
 from .api.ci import CiApi
+from .api.follow import LogFollower
 from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
 from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
@@ -141,16 +142,15 @@ class Spindle:
             known_knots=self.wanted_knots,
             on_pull_events=self.pulls.wake,
         )
-        app = App(
-            config.hostname, config.owner, self.statuses, self.logbook, self.db, self.stop_event
-        )
+        follower = LogFollower(self.statuses, self.logbook, self.stop_event)
+        app = App(config.hostname, config.owner, self.statuses, follower, self.stop_event)
         app.prefix_routes[("POST", CALLBACK_PREFIX)] = self.callbacks.route
         xrpc = Xrpc(self.auth, self.directory, self.secrets, self.scheduler)
         ci = CiApi(self.auth, self.directory, self.acceptor, self.fetcher, self.scheduler)
         for get_routes, post_routes in (xrpc.routes(), ci.routes()):
             app.get_routes.update(get_routes)
             app.post_routes.update(post_routes)
-        logstream = PipelineLogStream(self.statuses, self.logbook, self.stop_event)
+        logstream = PipelineLogStream(follower)
         app.get_routes[LOGSTREAM_PATH] = logstream.route
         self.server = Server(self.httpd, app)
 

@@ -255,9 +255,3 @@ def read_raw_lines(path: Path, offset: int) -> tuple[list[bytes], int]:
     if end < 0:
         return [], offset
     return chunk[:end].split(b"\n"), offset + end + 1
-
-
-def read_lines(path: Path, offset: int) -> tuple[list[str], int]:
-    """``read_raw_lines`` as text."""
-    raw, offset = read_raw_lines(path, offset)
-    return [line.decode("utf-8", errors="replace") for line in raw], offset

@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
-from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import libipld
 import orjson
 
 from .. import logs
-from ..statuses import FINAL, StatusLog
-from ..store import Workflow, release_connection
-from ..worklogs import SYSTEM_STEP, LogBook, read_raw_lines
+from ..store import Workflow
+from ..worklogs import SYSTEM_STEP
 from . import view
-from .server import ClientGone, ServerWebSocket, encode_binary_frame
+from .follow import Follow, LogFollower
+from .server import ClientGone, encode_binary_frame
 
 if TYPE_CHECKING:
     from .server import Handler
@@ -74,20 +71,15 @@ def encode_line(line: bytes, workflow: str) -> bytes | None:
         return None
 
 
-@dataclass
-class _Follow:
-    workflow_id: int
-    name: str
-    path: Path
-    offset: int = 0
-    done: bool = False
+def encode_frame(line: bytes, workflow: str) -> bytes | None:
+    """One log line as the binary websocket frame the subscription sends."""
+    payload = encode_line(line, workflow)
+    return None if payload is None else encode_binary_frame(payload)
 
 
 class PipelineLogStream:
-    def __init__(self, statuses: StatusLog, logbook: LogBook, stop: threading.Event) -> None:
-        self._statuses = statuses
-        self._logbook = logbook
-        self._stop = stop
+    def __init__(self, follower: LogFollower) -> None:
+        self._follower = follower
 
     def route(self, handler: Handler, query: dict) -> None:
         follows = self._select(handler, query)
@@ -96,13 +88,10 @@ class PipelineLogStream:
         ws = handler.upgrade()
         if ws is None:
             return
-        with (
-            contextlib.suppress(ClientGone),
-            self._logbook.watching(f.workflow_id for f in follows) as grew,
-        ):
-            self._stream(ws, follows, grew)
+        with contextlib.suppress(ClientGone):
+            self._follower.stream(ws, follows, encode_frame, "pipeline finished")
 
-    def _select(self, handler: Handler, query: dict) -> list[_Follow] | None:
+    def _select(self, handler: Handler, query: dict) -> list[Follow] | None:
         """The workflows to follow, or None after answering the error."""
         pipeline = (query.get("pipeline") or [""])[0]
         names = query.get("workflows") or []
@@ -111,10 +100,9 @@ class PipelineLogStream:
         found = view.by_id(pipeline)
         if found is None:
             return _refuse(handler, 404, "PipelineNotFound", f"no pipeline {pipeline}")
-        knot = found.knot
         rows = list(
             Workflow.select(Workflow.id, Workflow.name)
-            .where((Workflow.rkey == pipeline) & (Workflow.knot == knot))
+            .where((Workflow.rkey == pipeline) & (Workflow.knot == found.knot))
             .order_by(Workflow.id)
         )
         known = {row.name for row in rows}
@@ -122,51 +110,7 @@ class PipelineLogStream:
         if unknown:
             return _refuse(handler, 404, "WorkflowNotFound", f"no workflow {unknown[0]!r}")
         wanted = set(names) or known
-        return [
-            _Follow(row.id, row.name, self._logbook.path(row.id))
-            for row in rows
-            if row.name in wanted
-        ]
-
-    def _stream(self, ws: ServerWebSocket, follows: list[_Follow], grew: threading.Event) -> None:
-        statuses_seen = -1
-        while not self._stop.is_set():
-            ws.poll()
-            grew.clear()
-            if self._send_new_lines(ws, follows):
-                continue
-            # Lines are written before a final status commits, so a workflow
-            # seen final is drained by one more read, then done.
-            if statuses_seen != self._statuses.latest_id:
-                statuses_seen = self._statuses.latest_id
-                finals = {
-                    follow.workflow_id: Workflow.get_by_id(follow.workflow_id).status in FINAL
-                    for follow in follows
-                    if not follow.done
-                }
-                release_connection()  # none held while waiting
-                for follow in follows:
-                    if finals.get(follow.workflow_id):
-                        self._send_new_lines(ws, [follow])
-                        follow.done = True
-                if all(follow.done for follow in follows):
-                    ws.close(1000, "pipeline finished")
-                    return
-            ws.ping_if_due()
-            grew.wait(1.0)
-        ws.close(1001, "spindle shutting down")
-
-    @staticmethod
-    def _send_new_lines(ws: ServerWebSocket, follows: list[_Follow]) -> bool:
-        sent = False
-        for follow in follows:
-            lines, follow.offset = read_raw_lines(follow.path, follow.offset)
-            frames = [encode_line(line, follow.name) for line in lines]
-            data = b"".join(encode_binary_frame(frame) for frame in frames if frame is not None)
-            if data:
-                ws.send_encoded(data)
-                sent = True
-        return sent
+        return [self._follower.follow(row.id, row.name) for row in rows if row.name in wanted]
 
 
 def _refuse(handler: Handler, status: int, name: str, message: str) -> None:

@@ -35,9 +35,9 @@ from .. import __version__, logs
 from ..config import is_hostname
 from ..pipelines import is_workflow_name
 from ..records import is_rkey
-from ..statuses import FINAL, StatusLog
+from ..statuses import StatusLog
 from ..store import Workflow, release_connection
-from ..worklogs import LogBook, read_lines
+from .follow import LogFollower
 
 log = logs.get("server")
 
@@ -319,10 +319,6 @@ def encode_binary_frame(data: bytes) -> bytes:
     return _server_frame(ABNF.OPCODE_BINARY, data)
 
 
-def encode_text_frames(texts: list[str]) -> bytes:
-    return b"".join(encode_text_frame(text) for text in texts)
-
-
 class Handler(BaseHTTPRequestHandler):
     server: TackHTTPServer
     protocol_version = "HTTP/1.1"
@@ -589,11 +585,6 @@ class TackHTTPServer(ThreadingHTTPServer):
                     self._per_client.pop(client, None)
         super().shutdown_request(request)
 
-    @property
-    def open_connections(self) -> int:
-        with self._guard:
-            return len(self._open)
-
     def handle_error(self, request, client_address) -> None:
         log.exception("connection failed", extra={"client": str(client_address)[:100]})
 
@@ -618,15 +609,13 @@ class App:
         hostname: str,
         owner: str,
         statuses: StatusLog,
-        logbook: LogBook,
-        db: Any,
+        follower: LogFollower,
         stop: threading.Event,
     ) -> None:
         self.hostname = hostname
         self.owner = owner
         self.statuses = statuses
-        self.logbook = logbook
-        self.db = db
+        self.follower = follower
         self.stop = stop
         self.broadcaster = Broadcaster(statuses, stop)
         self.get_routes: dict[str, Route] = {
@@ -738,45 +727,14 @@ class App:
             # As the official spindle: a clean close, so no client retries forever.
             ws.close(1000, "unknown workflow")
             return
-        self._follow_log(ws, workflow.id)
+        follow = self.follower.follow(workflow.id, workflow.name)
+        with contextlib.suppress(ClientGone):
+            self.follower.stream(ws, [follow], _text_frame, "workflow finished")
 
-    def _follow_log(self, ws: ServerWebSocket, workflow_id: int) -> None:
-        with self.logbook.watching([workflow_id]) as grew:
-            self._follow_log_while(ws, workflow_id, grew)
 
-    def _follow_log_while(
-        self, ws: ServerWebSocket, workflow_id: int, grew: threading.Event
-    ) -> None:
-        path = self.logbook.path(workflow_id)
-        offset = 0
-        statuses_seen = -1
-        try:
-            while not self.stop.is_set():
-                ws.poll()
-                grew.clear()
-                lines, offset = read_lines(path, offset)
-                if lines:
-                    ws.send_encoded(encode_text_frames(lines))
-                    continue
-                # The store is asked about this one's status only when some
-                # status moved.
-                if statuses_seen != self.statuses.latest_id:
-                    statuses_seen = self.statuses.latest_id
-                    final = Workflow.get_by_id(workflow_id).status in FINAL
-                    self.release_db()  # a follower holds no connection while it waits
-                    if final:
-                        # Lines are written before the final status commits, so
-                        # one more read after seeing it finds everything.
-                        lines, offset = read_lines(path, offset)
-                        if lines:
-                            ws.send_encoded(encode_text_frames(lines))
-                        ws.close(1000, "workflow finished")
-                        return
-                ws.ping_if_due()
-                grew.wait(1.0)
-            ws.close(1001, "spindle shutting down")
-        except ClientGone:
-            pass
+def _text_frame(line: bytes, _workflow: str) -> bytes:
+    """A log line as /logs sends it: the JSON line itself, in a text frame."""
+    return encode_text_frame(line.decode("utf-8", errors="replace"))
 
 
 def _cursor(raw: str) -> int:
