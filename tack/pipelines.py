@@ -37,6 +37,12 @@ def is_workflow_name(value: Any) -> bool:
     )
 
 
+def is_input_key(key: str) -> bool:
+    """Any text can key a manual input, but it becomes ``TANGLED_INPUT_<KEY>``:
+    an environment variable's name cannot hold ``=`` or NUL."""
+    return 0 < len(key) <= 100 and "=" not in key and "\0" not in key
+
+
 def trigger_data(record: dict) -> dict[str, Any]:
     trigger = record["triggerMetadata"]
     return trigger.get(TRIGGER_KEYS[trigger["kind"]]) or {}

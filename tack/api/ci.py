@@ -19,11 +19,10 @@ from typing import Any
 from .. import logs
 from ..auth import ServiceAuth
 from ..config import is_did
-from ..intake.accept import Acceptor, NewPipeline, pipeline_record
-from ..intake.compiler import MANUAL, PR_ACTIONS, PULL_REQUEST, Trigger, compile_workflows
+from ..intake.accept import Acceptor, compile_pipeline
+from ..intake.compiler import MANUAL, PR_ACTIONS, PULL_REQUEST, Trigger
 from ..intake.fetch import FetchError, WorkflowFetcher
-from ..intake.legacy import is_input_key
-from ..pipelines import KINDS
+from ..pipelines import KINDS, is_input_key
 from ..scheduler import Scheduler
 from ..statuses import FINAL
 from ..store import Directory, Pipeline, Repo, Workflow, pipeline_uri
@@ -130,23 +129,17 @@ class CiApi:
         kind, data = _trigger_param(params.get("trigger"), repo)
         names = _names_param(params, "workflows")
         sha = data["sha"] if kind == MANUAL else data["sourceSha"]
-        files = self._workflow_files(repo, sha)
-        workflows = compile_workflows(files, Trigger(kind, data))
-        if names is not None:
-            workflows = [w for w in workflows if w.name in names]
-        if not workflows:
-            raise XrpcError(400, "InvalidRequest", "no workflows to run at this commit")
-        default_branch = self._fetcher.default_branch(repo.knot, repo.repo_did or "")
-        record = pipeline_record(repo.knot, repo, kind, data, default_branch, workflows)
-        rkey = self._acceptor.accept(
-            NewPipeline(
-                knot=repo.knot,
-                repo=repo,
-                record=record,
-                workflows=workflows,
-                ids={"did": caller, "repo_did": repo.repo_did, "sha": sha, "via": "trigger"},
-            )
+        new = compile_pipeline(
+            self._fetcher,
+            repo,
+            Trigger(kind, data),
+            self._workflow_files(repo, sha),
+            names,
+            ids={"did": caller, "repo_did": repo.repo_did, "sha": sha, "via": "trigger"},
         )
+        if new is None:
+            raise XrpcError(400, "InvalidRequest", "no workflows to run at this commit")
+        rkey = self._acceptor.accept(new)
         assert rkey is not None  # nothing to deduplicate against: always new
         return {"pipeline": pipeline_uri(repo.knot, rkey)}
 

@@ -18,13 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import logs, pipelines, retry
 from ..backends import Backends
 from ..statuses import NEW, PENDING, StatusLog
 from ..store import KnotEvent, Pipeline, PullTrigger, Repo, Workflow
 from ..worklogs import LogBook
-from .compiler import CompiledWorkflow
+from .compiler import CompiledWorkflow, Trigger, compile_workflows
+from .fetch import WorkflowFetcher
 
 log = logs.get("intake")
 
@@ -191,6 +193,31 @@ class Acceptor:
         finally:
             workflow_log.close()
         statuses.append(row, "failed", error=error)
+
+
+def compile_pipeline(
+    fetcher: WorkflowFetcher,
+    repo: Repo,
+    trigger: Trigger,
+    files: dict[str, str],
+    only: set[str] | None = None,
+    **marks: Any,
+) -> NewPipeline | None:
+    """The pipeline ``trigger`` makes of a repo's workflow files (limited to
+    the names in ``only``, when given); None when no workflow runs.
+
+    Every intake path that reads workflows itself (pushes, pull requests,
+    ``triggerPipeline``) ends here; ``marks`` are the NewPipeline's dedupe
+    fields and log ids.
+    """
+    workflows = compile_workflows(files, trigger)
+    if only is not None:
+        workflows = [w for w in workflows if w.name in only]
+    if not workflows:
+        return None
+    default_branch = fetcher.default_branch(repo.knot, repo.repo_did) if repo.repo_did else ""
+    record = pipeline_record(repo.knot, repo, trigger.kind, trigger.data, default_branch, workflows)
+    return NewPipeline(knot=repo.knot, repo=repo, record=record, workflows=workflows, **marks)
 
 
 def pipeline_record(

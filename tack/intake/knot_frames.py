@@ -27,8 +27,8 @@ from collections.abc import Callable
 from .. import logs, store
 from ..store import Directory, KnotCollaborator, Repo
 from . import frames
-from .accept import Acceptor, NewPipeline, pipeline_record, push_key
-from .compiler import PUSH, CompiledWorkflow, Trigger, compile_workflows
+from .accept import Acceptor, NewPipeline, compile_pipeline, push_key
+from .compiler import PUSH, CompiledWorkflow, Trigger
 from .fetch import FetchError, WorkflowFetcher
 from .frames import KnotFrame, RefUpdate
 from .legacy import PipelineRecord, Rejected, validate
@@ -57,6 +57,7 @@ class KnotIntake:
         self._read_mark = read_mark
         self._write_mark = write_mark
         self._modern: set[str] = set()
+        self._marks_read: set[str] = set()
         self._told_ignoring: set[str] = set()
 
     def handle(self, knot: str, raw: str | bytes) -> tuple[int, bool] | None:
@@ -109,25 +110,21 @@ class KnotIntake:
         files = self._fetch(knot, repo.knot_path, update.new_sha, ids)
         if files is None:
             return
-        trigger_data = {"ref": update.ref, "newSha": update.new_sha, "oldSha": update.old_sha}
-        workflows = compile_workflows(files, Trigger(PUSH, trigger_data, update.changed_files))
-        if not workflows:
+        push = {"ref": update.ref, "newSha": update.new_sha, "oldSha": update.old_sha}
+        new = compile_pipeline(
+            self._fetcher,
+            repo,
+            Trigger(PUSH, push, update.changed_files),
+            files,
+            knot_event=(knot, frame.rkey),
+            push_key=_push_key("refUpdate", knot, repo, push),
+            ids=ids,
+        )
+        if new is None:
             log.info("no workflow matches the push", extra={**ids, "files": len(files)})
             self._acceptor.mark_seen(knot, frame.rkey)
             return
-        default_branch = self._fetcher.default_branch(knot, repo.repo_did) if update.modern else ""
-        record = pipeline_record(knot, repo, PUSH, trigger_data, default_branch, workflows)
-        self._acceptor.accept(
-            NewPipeline(
-                knot=knot,
-                repo=repo,
-                record=record,
-                workflows=workflows,
-                knot_event=(knot, frame.rkey),
-                push_key=_push_key("refUpdate", knot, repo, trigger_data),
-                ids=ids,
-            )
-        )
+        self._acceptor.accept(new)
 
     def _repo_for(self, knot: str, update: RefUpdate) -> Repo:
         """The served repo a push is for, or Rejected with the reason."""
@@ -170,8 +167,12 @@ class KnotIntake:
             self._write_mark(_MODERN_MARK + knot, 1)
 
     def _is_modern(self, knot: str) -> bool:
-        if knot not in self._modern and self._read_mark(_MODERN_MARK + knot) is not None:
-            self._modern.add(knot)
+        # The saved mark is read once per knot; after that, only a ref update
+        # in this process (``_mark_modern``) can change the answer.
+        if knot not in self._marks_read:
+            self._marks_read.add(knot)
+            if self._read_mark(_MODERN_MARK + knot) is not None:
+                self._modern.add(knot)
         return knot in self._modern
 
     # --- pipelines older knots compiled -------------------------------------------------

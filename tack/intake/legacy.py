@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import is_did
-from ..pipelines import KINDS, is_workflow_name
+from ..pipelines import KINDS, is_input_key, is_workflow_name
 
 MAX_WORKFLOWS = 64
 MAX_RAW = 256 * 1024
@@ -130,9 +130,3 @@ def _validate_workflow(index: int, workflow: Any) -> str:
     if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 1_000_000:
         raise Rejected(f"{where}.clone.depth must be a non-negative integer")
     return name
-
-
-def is_input_key(key: str) -> bool:
-    """Any text can key a manual input, but it becomes ``TANGLED_INPUT_<KEY>``:
-    an environment variable's name cannot hold ``=`` or NUL."""
-    return 0 < len(key) <= 100 and "=" not in key and "\0" not in key

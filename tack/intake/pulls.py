@@ -26,8 +26,8 @@ from .. import logs, retry
 from ..auth import ServiceAuth
 from ..net import HostRefused, vet_host, vetted_get
 from ..store import Directory, Pull, PullTrigger, Repo
-from .accept import Acceptor, NewPipeline, pipeline_record
-from .compiler import PULL_REQUEST, Trigger, compile_workflows
+from .accept import Acceptor, NewPipeline, compile_pipeline
+from .compiler import PULL_REQUEST, Trigger
 from .fetch import FetchError, WorkflowFetcher
 
 log = logs.get("pulls")
@@ -148,20 +148,17 @@ class PullRequests:
             "sourceSha": sha,
             "pull": pull.at_uri,
         }
-        files = self._workflow_files(repo, sha)
-        workflows = compile_workflows(files, Trigger(PULL_REQUEST, data))
-        if not workflows:
-            raise Dropped("no workflow matches the pull request")
-        default_branch = self._fetcher.default_branch(repo.knot, repo.repo_did or "")
-        record = pipeline_record(repo.knot, repo, PULL_REQUEST, data, default_branch, workflows)
-        return NewPipeline(
-            knot=repo.knot,
-            repo=repo,
-            record=record,
-            workflows=workflows,
+        new = compile_pipeline(
+            self._fetcher,
+            repo,
+            Trigger(PULL_REQUEST, data),
+            self._workflow_files(repo, sha),
             pull_trigger_id=event.id,
             ids=ids | {"repo_did": repo.repo_did, "sha": sha},
         )
+        if new is None:
+            raise Dropped("no workflow matches the pull request")
+        return new
 
     def _workflow_files(self, repo: Repo, sha: str) -> dict[str, str]:
         try:
