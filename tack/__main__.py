@@ -14,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tack",
         description=(
             "tack is a Tangled spindle: it watches the AT Protocol for repos that name it, "
-            "takes their pipelines from knots, runs them on a configured backend and "
+            "reads their workflows when a knot announces a push (or a pull request or a "
+            "manual run asks), runs them on a configured backend and "
             "reports statuses and logs back to Tangled. It is configured entirely by "
             "environment variables."
         ),
