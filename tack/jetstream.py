@@ -1,10 +1,14 @@
 """Jetstream ingest: records about members, repos and collaborators into the store.
 
-A reader thread pulls frames into a bounded queue; one applier thread drains
-it in arrival order. The applier writes a run of changes and the cursor in one
-transaction, so after a crash the saved cursor never points past an event
-that was not applied; the reader resumes 5 s before it, and replays are
-harmless because every change is an idempotent upsert or delete on (did, rkey).
+A reader thread pulls frames, decodes them (``records.decode``: pure, no
+I/O) and puts the results into a bounded queue; one applier thread drains it
+in arrival order. Decoding on the reader's side lets it overlap with the
+applier's SQLite work, which runs without the GIL.
+
+The applier writes a run of changes and the cursor in one transaction, so
+after a crash the saved cursor never points past an event that was not
+applied; the reader resumes 5 s before it, and replays are harmless because
+every change is an idempotent upsert or delete on (did, rkey).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ CURSOR_NAME = "jetstream"
 # time_us cursors are not gapless at the boundary (events sharing a
 # microsecond, servers with slightly different clocks), so resume earlier.
 REWIND_US = 5_000_000
-BATCH_MAX = 500
+BATCH_MAX = 2000
 # A frame's time_us may move the cursor only up to this far past our clock.
 MAX_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 # On shutdown the applier keeps draining already-received frames this long;
@@ -50,8 +54,41 @@ def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
     return urlunsplit(parts._replace(query=urlencode(query) + extra))
 
 
+# A frame as the applier takes it: the change to write (None for a bad
+# record) and the time that moves the cursor (None when the frame had none).
+Decoded = tuple[Change | None, int | None]
+
+
+class FrameDecoder:
+    """Frames to ``Decoded`` items, on the reader's thread; bad ones logged."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        self.bad = 0
+
+    def decode(self, frame: str | bytes) -> Decoded:
+        try:
+            change = records.decode(frame, self._hostname)
+        except BadRecord as bad:
+            return self._skip(bad)
+        except Exception as exc:
+            # Whatever a frame makes the decoder raise, the frame is bad: it
+            # is skipped like any bad record, never allowed to take the batch
+            # (and the events after it) down with it.
+            return self._skip(BadRecord(f"undecodable: {type(exc).__name__}: {str(exc)[:200]}"))
+        return change, change.time_us
+
+    def _skip(self, bad: BadRecord) -> Decoded:
+        self.bad += 1
+        log.warning(
+            "bad record skipped",
+            extra={**bad.ids, "reason": bad.reason, "time_us": bad.time_us},
+        )
+        return None, bad.time_us
+
+
 class Applier:
-    """Drains the frame queue into the store, in order, one thread only."""
+    """Drains the queue of decoded frames into the store, in order, one thread only."""
 
     def __init__(
         self,
@@ -72,7 +109,7 @@ class Applier:
         self._known_knots = set(known_knots)
         self.cursor: int | None = store.get_cursor(CURSOR_NAME)
         self.applied = 0
-        self.bad = 0
+        self.unwritable = 0
 
     # --- thread body -----------------------------------------------------------
 
@@ -122,12 +159,11 @@ class Applier:
 
     # --- applying ---------------------------------------------------------------
 
-    def _apply_batch(self, frames: list) -> None:
+    def _apply_batch(self, decoded: list[Decoded]) -> None:
         changes: list[Change] = []
         newest = self.cursor or 0
         latest_plausible = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
-        for frame in frames:
-            change, time_us = self._decode(frame)
+        for change, time_us in decoded:
             if change is not None:
                 changes.append(change)
             # A bad record that told its time still moves the cursor past it,
@@ -159,26 +195,6 @@ class Applier:
             if change.collection == records.REPO and change.action == "upsert":
                 self._note_repo_did_claim(change)
 
-    def _decode(self, frame: str | bytes) -> tuple[Change | None, int | None]:
-        try:
-            change = records.decode(frame, self._directory.hostname)
-        except BadRecord as bad:
-            return self._skip(bad)
-        except Exception as exc:
-            # Whatever a frame makes the decoder raise, the frame is bad: it
-            # is skipped like any bad record, never allowed to take the batch
-            # (and the events after it) down with it.
-            return self._skip(BadRecord(f"undecodable: {type(exc).__name__}: {str(exc)[:200]}"))
-        return change, change.time_us
-
-    def _skip(self, bad: BadRecord) -> tuple[None, int | None]:
-        self.bad += 1
-        log.warning(
-            "bad record skipped",
-            extra={**bad.ids, "reason": bad.reason, "time_us": bad.time_us},
-        )
-        return None, bad.time_us
-
     def _apply_single(self, change: Change) -> None:
         try:
             cursor = self.cursor or 0
@@ -188,7 +204,7 @@ class Applier:
         except ShutdownDuringRetry:
             raise
         except Exception as exc:
-            self.bad += 1
+            self.unwritable += 1
             log.error(
                 "record could not be written, skipped",
                 extra={**change.ids, "error": repr(exc)[:300]},
@@ -284,7 +300,8 @@ class Ingester:
         on_pull_events: Callable[[], None] = lambda: None,
     ) -> None:
         self.stop_event = threading.Event()
-        self.frames: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.frames: queue.Queue[Decoded] = queue.Queue(maxsize=queue_size)
+        self.decoder = FrameDecoder(directory.hostname)
         self.applier = Applier(
             db, self.frames, directory, knots, self.stop_event, known_knots, on_pull_events
         )
@@ -302,9 +319,10 @@ class Ingester:
 
     def _enqueue(self, frame: str | bytes) -> None:
         """Block while the queue is full: that is the back-pressure on the socket."""
+        decoded = self.decoder.decode(frame)
         while not self.stop_event.is_set():
             try:
-                self.frames.put(frame, timeout=0.2)
+                self.frames.put(decoded, timeout=0.2)
                 return
             except queue.Full:
                 continue

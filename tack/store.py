@@ -9,7 +9,6 @@ the single applier writes.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -468,8 +467,12 @@ def is_transient(exc: BaseException) -> bool:
 #
 # Ingest writes tens of thousands of rows a second, and building a peewee
 # query per row costs more than SQLite's work. So peewee builds each
-# statement once (keeping its dialect handling), and a run of identical
-# statements goes to SQLite as one executemany, in arrival order.
+# statement once (keeping its dialect handling), and many rows go to SQLite
+# in one multi-row statement. Not ``executemany``: SQLite gives up the GIL for
+# every row it steps, and taking it back waits for whichever thread holds it
+# (the jetstream reader), which made each row cost milliseconds under load.
+
+ROWS_PER_STATEMENT = 250
 
 RECORD_MODELS: dict[str, type[BaseModel]] = {
     records.MEMBER: Member,
@@ -479,63 +482,116 @@ RECORD_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+@functools.cache
 def _columns(model: type[BaseModel]) -> tuple[str, ...]:
     return tuple(model._meta.sorted_field_names)
 
 
 @functools.cache
-def _statement(action: str, collection: str) -> str:
+def _upsert_statement(collection: str, rows: int) -> str:
+    """Upsert ``rows`` records of ``collection`` in one statement."""
     model = RECORD_MODELS[collection]
-    if action == "upsert":
-        columns = _columns(model)
-        values = [model._meta.fields[name] for name in columns if name not in ("did", "rkey")]
-        query = model.insert(**{name: name for name in columns}).on_conflict(
-            conflict_target=[model.did, model.rkey], preserve=values
-        )
-    else:
-        query = model.delete().where((model.did == "") & (model.rkey == ""))
+    columns = _columns(model)
+    values = [model._meta.fields[name] for name in columns if name not in ("did", "rkey")]
+    sample = {name: name for name in columns}
+    query = model.insert_many([sample] * rows).on_conflict(
+        conflict_target=[model.did, model.rkey], preserve=values
+    )
     return query.sql()[0]
 
 
-def _params(change: records.Change) -> tuple:
-    if change.action == "upsert":
-        row = change.row
-        return tuple(row[name] for name in _columns(RECORD_MODELS[change.collection]))
-    return (change.did, change.rkey)
+@functools.cache
+def _delete_statement(collection: str, rows: int) -> str:
+    """Delete ``rows`` records of ``collection``, given as (did, rkey) pairs.
+
+    A join against the keys walks the primary key once per key; a plain
+    ``(did, rkey) IN (…)`` would scan the table.
+    """
+    table = RECORD_MODELS[collection]._meta.table_name
+    keys = ", ".join("(?, ?)" for _ in range(rows))
+    return (
+        f'DELETE FROM "{table}" WHERE rowid IN (SELECT t.rowid FROM (VALUES {keys}) AS k'
+        f' JOIN "{table}" AS t ON t.did = k.column1 AND t.rkey = k.column2)'
+    )
+
+
+def _upsert_records(collection: str, changes: list[records.Change]) -> None:
+    columns = _columns(RECORD_MODELS[collection])
+    for start in range(0, len(changes), ROWS_PER_STATEMENT):
+        chunk = changes[start : start + ROWS_PER_STATEMENT]
+        params = [value for change in chunk for value in map(change.row.__getitem__, columns)]
+        database.execute_sql(_upsert_statement(collection, len(chunk)), params)
+
+
+def _delete_records(collection: str, keys: list[tuple[str, str]]) -> None:
+    for start in range(0, len(keys), ROWS_PER_STATEMENT):
+        chunk = keys[start : start + ROWS_PER_STATEMENT]
+        params = [value for key in chunk for value in key]
+        database.execute_sql(_delete_statement(collection, len(chunk)), params)
 
 
 def apply_changes(
     changes: Iterable[records.Change], may_grant: Callable[[str], bool] = lambda did: True
 ) -> None:
-    """Write changes in order; call inside a transaction.
+    """Write changes so the store ends as if each were written in order; call
+    inside a transaction.
+
+    Between account deletions and pull request events (which are written in
+    their place), upserts and deletes are collapsed per record: each is a
+    whole-record replacement or removal on (did, rkey), so the last one
+    decides. Each collection then takes one statement for its deletes and one
+    for its upserts, members first. Writing them one run of identical
+    statements at a time cost a statement for every few events.
 
     A collaborator record is kept only when ``may_grant(author)``: only a
     repo's owner grants, and only the owner's and members' repos are served,
     so records by anyone else can never matter (the network has many). It is
-    asked when the run is written, so a member invited earlier in the same
+    asked after the members are written, so a member invited in the same
     batch counts.
     """
-    cursor = database.cursor()
-    for (action, collection), grouped in itertools.groupby(
-        changes, key=lambda c: (c.action, c.collection)
-    ):
-        run = list(grouped)
-        if action == "upsert" and collection == records.COLLABORATOR:
-            granting = {did: may_grant(did) for did in {c.did for c in run}}
-            refused = [c for c in run if not granting[c.did]]
-            run = [c for c in run if granting[c.did]]
-            if refused:  # an earlier copy, if any, goes
-                cursor.executemany(
-                    _statement("delete", collection), [(c.did, c.rkey) for c in refused]
-                )
-        if action in ("upsert", "delete") and run:
-            cursor.executemany(_statement(action, collection), [_params(c) for c in run])
-        elif action == "delete_account":
-            for change in run:
-                delete_account(change.did)
-        elif action == "pull_event":
-            for change in run:
-                apply_pull_event(change)
+    segment: list[records.Change] = []
+    for change in changes:
+        if change.action in ("upsert", "delete"):
+            segment.append(change)
+            continue
+        _write_records(segment, may_grant)
+        segment = []
+        if change.action == "delete_account":
+            delete_account(change.did)
+        elif change.action == "pull_event":
+            apply_pull_event(change)
+    _write_records(segment, may_grant)
+
+
+# Members first: whether a collaborator record is kept depends on them.
+_WRITE_ORDER = (records.MEMBER, records.REPO, records.COLLABORATOR, records.PULL)
+
+
+def _write_records(changes: list[records.Change], may_grant: Callable[[str], bool]) -> None:
+    """Upserts and deletes, collapsed per record (see ``apply_changes``)."""
+    if not changes:
+        return
+    deleted: dict[str, dict[tuple[str, str], None]] = {c: {} for c in _WRITE_ORDER}
+    final: dict[str, dict[tuple[str, str], records.Change]] = {c: {} for c in _WRITE_ORDER}
+    for change in changes:
+        key = (change.did, change.rkey)
+        last = final[change.collection]
+        last.pop(key, None)  # a later write lands after the ones before it
+        last[key] = change
+        if change.action == "delete":
+            deleted[change.collection][key] = None
+    for collection in _WRITE_ORDER:
+        upserts = [c for c in final[collection].values() if c.action == "upsert"]
+        if collection == records.COLLABORATOR and upserts:
+            granting = {did: may_grant(did) for did in {c.did for c in upserts}}
+            for change in upserts:
+                if not granting[change.did]:  # an earlier copy, if any, goes
+                    deleted[collection][(change.did, change.rkey)] = None
+            upserts = [c for c in upserts if granting[c.did]]
+        if deleted[collection]:
+            _delete_records(collection, list(deleted[collection]))
+        if upserts:
+            _upsert_records(collection, upserts)
 
 
 def apply_pull_event(change: records.Change) -> None:
@@ -582,12 +638,47 @@ def get_cursor(name: str) -> int | None:
 
 
 def save_cursor(name: str, value: int) -> None:
-    Cursor.insert(name=name, value=value).on_conflict(
+    database.execute_sql(_SAVE_CURSOR(), (name, value))
+
+
+_SAVE_CURSOR = compile_once(
+    lambda: Cursor.insert(name="n", value=1).on_conflict(
         conflict_target=[Cursor.name], preserve=[Cursor.value]
-    ).execute()
+    )
+)
 
 
 # --- queries -----------------------------------------------------------------
+
+
+# The directory's questions asked for every ingest batch, built once. Their
+# placeholders are, in order: owner, hostname, subject, limit; and hostname,
+# owner, owner, hostname, knot, limit.
+_IS_MEMBER = compile_once(
+    lambda: (
+        Member.select(Member.subject)
+        .where((Member.did == "o") & (Member.instance == "h") & (Member.subject == "s"))
+        .limit(1)
+    )
+)
+_IS_KNOT_WANTED = compile_once(
+    lambda: (
+        Repo.select(Repo.knot)
+        .where(
+            (Repo.spindle == "h")
+            & (
+                (Repo.did == "o")
+                | Repo.did.in_(
+                    Member.select(Member.subject).where(
+                        (Member.did == "o") & (Member.instance == "h")
+                    )
+                )
+            )
+            & (Repo.knot == "k")
+        )
+        .limit(1)
+    )
+)
 
 
 class Directory:
@@ -610,7 +701,8 @@ class Directory:
         """The owner, or someone the owner invited to this spindle."""
         if did == self.owner:
             return True
-        return self._members().where(Member.subject == did).exists()
+        params = (self.owner, self.hostname, did, 1)
+        return database.execute_sql(_IS_MEMBER(), params).fetchone() is not None
 
     def _served_repos(self) -> peewee.ModelSelect:
         return Repo.select().where(
@@ -619,7 +711,8 @@ class Directory:
         )
 
     def is_knot_wanted(self, knot: str) -> bool:
-        return self._served_repos().where(Repo.knot == knot).exists()
+        params = (self.hostname, self.owner, self.owner, self.hostname, knot, 1)
+        return database.execute_sql(_IS_KNOT_WANTED(), params).fetchone() is not None
 
     def knots_of_repos(self, keys: list[tuple[str, str]]) -> set[str]:
         """The knots these stored repo records, by (did, rkey), name now."""
@@ -633,8 +726,9 @@ class Directory:
         """The knots of every stored repo these DIDs own."""
         if not dids:
             return set()
-        query = Repo.select(Repo.knot).where(Repo.did.in_(list(dids))).distinct()
-        return {row.knot for row in query}
+        placeholders = ", ".join("?" for _ in dids)
+        sql = f"SELECT DISTINCT knot FROM repo WHERE did IN ({placeholders})"
+        return {row[0] for row in database.execute_sql(sql, list(dids))}
 
     def wanted_knots(self) -> set[str]:
         """Knots hosting at least one repo we serve: the streams to subscribe to."""

@@ -28,6 +28,7 @@ from .standins import (
     db_cursor,
     db_rows,
     member,
+    plc_did,
     repo,
     wait_until,
 )
@@ -252,7 +253,7 @@ def test_identity_events_and_other_collections_are_ignored(jetstream, make_spind
     jetstream.add_raw(json.dumps(other), other["time_us"])  # sent despite the filter
     caught_up(spindle, [identity, other])
     assert db_rows(spindle.config.db_path) == {"member": [], "repo": [], "collaborator": []}
-    assert spindle.ingester.applier.bad == 0
+    assert spindle.ingester.decoder.bad == 0
 
 
 def test_subscription_asks_for_exactly_our_collections(jetstream, make_spindle, clock):
@@ -348,7 +349,7 @@ def test_bad_record_between_two_good_ones_is_skipped(jetstream, make_spindle, cl
     caught_up(spindle, [good1, bad, good2])
     assert spindle.directory.is_member(ALICE) and spindle.directory.is_member(BOB)
     assert db_cursor(spindle.config.db_path) == good2["time_us"]
-    assert spindle.ingester.applier.bad == 1
+    assert spindle.ingester.decoder.bad == 1
     skipped = [r for r in caplog.records if r.getMessage() == "bad record skipped"]
     assert [(r.did, r.collection, r.rkey) for r in skipped] == [(OWNER, REPO, "r1")]
     assert "name" in skipped[0].reason
@@ -390,7 +391,7 @@ def test_garbage_frames_do_not_stop_ingest(jetstream, make_spindle, clock, paylo
     jetstream.add(after)
     caught_up(spindle, [after])
     assert spindle.directory.is_member(ALICE) and spindle.directory.is_member(BOB)
-    assert spindle.ingester.applier.bad == 1
+    assert spindle.ingester.decoder.bad == 1
 
 
 # --- transient failures and back-pressure ------------------------------------------
@@ -440,7 +441,7 @@ def test_locked_database_is_retried_in_place_in_order(jetstream, make_spindle, c
     assert spindle.directory.is_member(ALICE)
     assert spindle.knots.knots == {"knot-c.test"}
     assert any(r.getMessage() == "store busy, retrying the same events" for r in caplog.records)
-    assert spindle.ingester.applier.bad == 0
+    assert spindle.ingester.decoder.bad == 0
 
 
 def test_full_queue_pushes_back_on_the_reader(jetstream, make_spindle, clock):
@@ -492,4 +493,67 @@ def test_schema_is_versioned_and_reopening_keeps_data(tmp_path: Path):
     assert store.Directory(HOSTNAME, OWNER).wanted_knots() == {"k"}
     versions = [v for (v,) in db.execute_sql("SELECT version FROM schema_version")]
     assert versions == [m[0] for m in store.MIGRATIONS]
+    db.close()
+
+
+def _repo_change(time_us: int, action: str, rkey: str, name: str = "n") -> Change:
+    row = {
+        "did": OWNER,
+        "rkey": rkey,
+        "name": name,
+        "knot": "k",
+        "spindle": HOSTNAME,
+        "repo_did": None,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    return Change(time_us, action, OWNER, REPO, rkey, row if action == "upsert" else None)
+
+
+def test_a_batch_written_at_once_ends_as_if_written_in_order(tmp_path: Path):
+    """apply_changes collapses a batch per record and writes each collection
+    with a few multi-row statements; the rows must end as sequential writes
+    would leave them, across more rows than one statement takes."""
+    db = store.open_database(str(tmp_path / "s.db"))
+    many = store.ROWS_PER_STATEMENT * 2 + 7
+    changes = [_repo_change(i, "upsert", f"bulk{i}") for i in range(many)]
+    changes += [
+        _repo_change(1, "upsert", "kept", "first"),
+        _repo_change(2, "delete", "kept"),
+        _repo_change(3, "upsert", "kept", "last"),  # deleted, then written again
+        _repo_change(4, "upsert", "gone"),
+        _repo_change(5, "delete", "gone"),  # written, then deleted
+        _repo_change(6, "upsert", "renamed", "old"),
+        _repo_change(7, "upsert", "renamed", "new"),
+    ]
+    changes += [_repo_change(8, "delete", f"bulk{i}") for i in range(0, many, 2)]
+    with db.atomic():
+        store.apply_changes(changes)
+    names = dict(db.execute_sql("SELECT rkey, name FROM repo").fetchall())
+    assert names.pop("kept") == "last"
+    assert names.pop("renamed") == "new"
+    assert "gone" not in names
+    assert set(names) == {f"bulk{i}" for i in range(1, many, 2)}
+    db.close()
+
+
+def test_a_collaborator_counts_when_its_author_is_invited_in_the_same_batch(tmp_path: Path):
+    db = store.open_database(str(tmp_path / "s.db"))
+    directory = store.Directory(HOSTNAME, OWNER)
+    invited, stranger = plc_did("invited"), plc_did("stranger")
+    grant = {
+        "subject": plc_did("helper"),
+        "repo": None,
+        "repo_did": plc_did("repo"),
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    member_row = {"subject": invited, "instance": HOSTNAME, "created_at": "2026-01-01T00:00:00Z"}
+    changes = [
+        Change(1, "upsert", invited, COLLABORATOR, "c1", {"did": invited, "rkey": "c1", **grant}),
+        Change(2, "upsert", OWNER, MEMBER, "m1", {"did": OWNER, "rkey": "m1", **member_row}),
+        Change(3, "upsert", stranger, COLLABORATOR, "c2", {"did": stranger, "rkey": "c2", **grant}),
+    ]
+    with db.atomic():
+        store.apply_changes(changes, may_grant=directory.is_member)
+    kept = db.execute_sql("SELECT did FROM collaborator").fetchall()
+    assert kept == [(invited,)]
     db.close()

@@ -59,7 +59,7 @@ def test_a_deeply_nested_jetstream_frame_is_one_bad_record(jetstream, make_spind
         jetstream.add(event)
     wait_until(lambda: len(db_rows(spindle.config.db_path)["member"]) == 300, timeout=20)
     wait_until(lambda: db_cursor(spindle.config.db_path) == events[-1]["time_us"])
-    assert spindle.ingester.applier.bad == 2
+    assert spindle.ingester.decoder.bad == 2
 
 
 def test_a_far_future_time_never_becomes_the_jetstream_cursor(jetstream, make_spindle, clock):
