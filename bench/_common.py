@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +54,33 @@ class BenchTack:
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
+
+
+class Spread:
+    """Repeated measurements of one figure: its median and its range."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = sorted(values)
+        self.median = statistics.median(self.values)
+        self.low, self.high = self.values[0], self.values[-1]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median:,.0f} (median of {len(self.values)},"
+            f" spread {self.low:,.0f}-{self.high:,.0f})"
+        )
+
+    def as_json(self) -> dict:
+        return {
+            "median": round(self.median, 2),
+            "low": round(self.low, 2),
+            "high": round(self.high, 2),
+        }
+
+
+def repeated(measure: Callable[[], float], runs: int) -> Spread:
+    """``measure`` run ``runs`` times: one run alone says little on a shared machine."""
+    return Spread([measure() for _ in range(runs)])
 
 
 def report(result: dict) -> None:
