@@ -1,10 +1,12 @@
 """The cost of many idle knot subscriptions.
 
-200 repos, each on its own knot stand-in, make a real tack process follow 200
-knot event streams (one reader thread each). Once all are connected and idle,
-reports tack's RSS, threads, open descriptors and CPU use over 10 s, and the
-same per knot. Target on 2 cores: <= 150 MB at 200 knots (issue: 2,000 idle
-knots under 250 MB and 3% CPU; see bench/connections.py for 2,000).
+``BENCH_KNOTS`` repos (default 2,000), each on a knot of its own (an idle
+knot port from ``connections.IdleKnots``), make a real tack process follow
+that many knot event streams. Once all are connected and idle, reports
+tack's RSS, threads and open descriptors, and its CPU use over
+``BENCH_RUNS`` windows of 10 s (median and spread); and each per knot.
+The floor is the same tack following no knot, measured in the same run.
+Target on 2 cores: 2,000 idle knots under 250 MB and 3% CPU.
 """
 
 from __future__ import annotations
@@ -12,49 +14,74 @@ from __future__ import annotations
 import os
 import time
 
-from _common import BenchTack, report
+from _common import BenchTack, Spread, report
+from connections import IdleKnots
 
-from tests.standins import OWNER, REPO, Clock, JetstreamStandin, KnotStandin, commit, repo
+from tests.standins import OWNER, REPO, Clock, JetstreamStandin, commit, repo
 
-KNOTS = int(os.environ.get("BENCH_KNOTS", "200"))
+KNOTS = int(os.environ.get("BENCH_KNOTS", "2000"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+WINDOW = 10.0
 
 
-def main() -> None:
-    jetstream = JetstreamStandin()
-    clock = Clock()
-    knots = [KnotStandin() for _ in range(KNOTS)]
-    for index, knot in enumerate(knots):
-        jetstream.add(
-            commit(clock, OWNER, REPO, f"r{index}", "create", repo(f"repo{index}", knot.name))
-        )
-    tack = BenchTack(jetstream.url)
-    deadline = time.monotonic() + 120
-    while sum(knot.open_connections for knot in knots) < KNOTS:
-        if time.monotonic() > deadline:
-            raise SystemExit("not every knot was subscribed within 120 s")
-        time.sleep(0.1)
-    time.sleep(2.0)  # idle: let start-up allocations settle
-    rss, peak = tack.rss_mb()
+def idle_figures(tack: BenchTack) -> tuple[float, int, int, Spread]:
+    """(RSS MB, threads, descriptors, CPU % per window) of an idle tack."""
+    time.sleep(2.0)  # let start-up allocations settle
+    rss, _ = tack.rss_mb()
     pid = tack.proc.proc.pid
     threads = int(_status(pid)["Threads"])
     descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-    before = _cpu_seconds(pid)
-    time.sleep(10.0)
-    cpu = (_cpu_seconds(pid) - before) / 10.0 * 100
-    print(
-        f"{KNOTS} idle knot subscriptions: RSS {rss:.1f} MB (peak {peak:.1f} MB),"
-        f" {threads} threads, {descriptors} descriptors, {cpu:.2f}% CPU idle;"
-        f" per knot {rss / KNOTS * 1024:.0f} KB, {descriptors / KNOTS:.2f} descriptors"
-    )
+    cpu = []
+    for _ in range(RUNS):
+        before = _cpu_seconds(pid)
+        time.sleep(WINDOW)
+        cpu.append((_cpu_seconds(pid) - before) / WINDOW * 100)
+    return rss, threads, descriptors, Spread(cpu)
+
+
+def following(knot_names: list[str]) -> BenchTack:
+    jetstream = JetstreamStandin()
+    clock = Clock()
+    for index, name in enumerate(knot_names):
+        jetstream.add(commit(clock, OWNER, REPO, f"r{index}", "create", repo(f"r{index}", name)))
+    return BenchTack(jetstream.url)
+
+
+def main() -> None:
+    base = following([])
+    base_rss, base_threads, base_fds, base_cpu = idle_figures(base)
+    base.stop()
+    knots = IdleKnots(KNOTS)
+    tack = following(knots.names())
+    deadline = time.monotonic() + 180
+    while knots.streams < KNOTS:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {knots.streams} of {KNOTS} knots subscribed within 180 s")
+        time.sleep(0.2)
+    rss, threads, descriptors, cpu = idle_figures(tack)
     tack.stop()
+    print(
+        f"floor (no knots): RSS {base_rss:.1f} MB, {base_threads} threads,"
+        f" {base_fds} descriptors, CPU % {base_cpu.median:.2f}"
+    )
+    print(
+        f"{KNOTS} idle knots: RSS {rss:.1f} MB ({rss / base_rss:.1f}x the floor),"
+        f" {threads} threads, {descriptors} descriptors,"
+        f" CPU % {cpu.median:.2f} (median of {RUNS}, spread {cpu.low:.2f}-{cpu.high:.2f});"
+        f" per knot {(rss - base_rss) / KNOTS * 1024:.0f} KB,"
+        f" {(threads - base_threads) / KNOTS:.2f} threads,"
+        f" {(descriptors - base_fds) / KNOTS:.2f} descriptors"
+        " (target: under 250 MB and 3% CPU)"
+    )
     report(
         {
             "knots": KNOTS,
             "rss_mb": round(rss, 1),
-            "peak_rss_mb": round(peak, 1),
+            "floor_rss_mb": round(base_rss, 1),
             "threads": threads,
             "descriptors": descriptors,
-            "idle_cpu_percent": round(cpu, 2),
+            "idle_cpu_percent": cpu.as_json(),
+            "floor_idle_cpu_percent": base_cpu.as_json(),
         }
     )
 

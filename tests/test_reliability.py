@@ -15,18 +15,22 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from websockets.server import ServerProtocol
 
 from tack import tid
+from tack.stream import Backoff, Follower
 
 from .spindle_clients import EventsClient
 from .standins import (
     MEMBER,
     OWNER,
     REPO,
+    JetstreamStandin,
     TackProcess,
     commit,
     db_cursor,
@@ -323,3 +327,73 @@ def test_a_full_disk_is_said_so(tmp_path, jetstream, clock, small_disk):
         assert line["error"].startswith("disk is full"), line
     finally:
         proc.kill()
+
+
+# --- a peer that went silent ----------------------------------------------------
+
+
+class _SilentPeer:
+    """Accepts websocket connections, completes the handshake with
+    ``websockets``' sans-I/O protocol, then never reads or writes again: not
+    even a pong. What a knot looks like when its host vanished without a FIN."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self._listener.getsockname()[1]}/events"
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self._listener.accept()
+            protocol = ServerProtocol()
+            events: list = []
+            while not events:
+                protocol.receive_data(conn.recv(65536))
+                events = protocol.events_received()
+            protocol.send_response(protocol.accept(events[0]))
+            conn.sendall(b"".join(protocol.data_to_send()))
+            self._held.append(conn)
+            self.connections += 1
+
+
+def _follow(url: str, stop: threading.Event) -> Follower:
+    follower = Follower(
+        component="test",
+        url=lambda: url,
+        on_frame=lambda frame: None,
+        stop=stop,
+        backoff=Backoff(initial=0.05, cap=0.2),
+        ping_every=0.3,
+        idle_limit=1.0,
+    )
+    threading.Thread(target=follower.run, daemon=True).start()
+    return follower
+
+
+def test_a_peer_silent_past_the_idle_limit_is_dropped_and_reconnected():
+    """The reader sleeps until a ping is due rather than polling; a peer that
+    answers nothing is still noticed and left, and the stream reconnects."""
+    silent, stop = _SilentPeer(), threading.Event()
+    _follow(silent.url, stop)
+    try:
+        wait_until(lambda: silent.connections >= 3, timeout=10, what="two reconnects")
+    finally:
+        stop.set()
+
+
+def test_a_quiet_peer_that_answers_pings_keeps_its_connection():
+    quiet, stop = JetstreamStandin(replay_without_cursor=False), threading.Event()
+    follower = _follow(quiet.url, stop)
+    try:
+        wait_until(lambda: follower.connections == 1, what="connected")
+        time.sleep(2.5)  # more than twice the idle limit, several pings
+        assert follower.connections == 1
+        assert len(quiet.subscriptions) == 1
+    finally:
+        stop.set()
+        follower.close()
