@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import statistics
 import sys
@@ -34,6 +35,9 @@ class BenchTack:
         path = Path(self._tmp.name)
         settings = tack_env(path, jetstream_url, TACK_LOG_LEVEL="info", **env)
         self.proc = TackProcess(settings, path / "tack.log")
+        # A benchmark that fails half-way must not leave tack running: it
+        # would load the machine under every later measurement.
+        atexit.register(self._kill)
         self.port = self.proc.wait_for_log("listening", timeout=30)["port"]
         self.db_path = path / "spindle.db"
 
@@ -49,6 +53,10 @@ class BenchTack:
     def stop(self) -> None:
         self.proc.terminate()
         self._tmp.cleanup()
+
+    def _kill(self) -> None:
+        if self.proc.proc.poll() is None:
+            self.proc.proc.kill()
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -23,6 +23,7 @@ JSON object."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -188,6 +189,7 @@ def tack_ingest(url: str, last: int, stored: int = 0) -> tuple[float, float]:
         if stored:
             prefill(tmp_path / "spindle.db", stored)
         proc = TackProcess(env, tmp_path / "tack.log")
+        atexit.register(lambda: proc.proc.poll() is None and proc.proc.kill())
         proc.wait_for_log("stream connected", timeout=60)
         started = time.perf_counter()
         rss = 0.0

@@ -156,10 +156,12 @@ class Follower:
         on_disconnect: Callable[[], None] | None = None,
         ping_every: float = PING_EVERY,
         idle_limit: float = IDLE_LIMIT,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._log = logs.get(component)
         self._ping_every = ping_every
         self._idle_limit = idle_limit
+        self._on_idle = on_idle
         self._url = url
         self._on_frame = on_frame
         self._stop = stop
@@ -273,6 +275,8 @@ class Follower:
             except websocket.WebSocketTimeoutException:
                 # Only here, not per frame (settimeout is two system calls):
                 # waking early, because frames moved last_heard on, is harmless.
+                if self._on_idle:
+                    self._on_idle()
                 now = time.monotonic()
                 if now - last_heard > idle_limit:
                     raise StreamEnded(f"silent for {idle_limit:.0f}s") from None

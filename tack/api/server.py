@@ -42,10 +42,13 @@ from .follow import LogFollower
 log = logs.get("server")
 
 PING_EVERY = 30.0
-# After sending, a subscriber waits this long before looking again, so a burst
-# of events goes out as one write instead of waking every subscriber per event.
-# The first event after a quiet spell is still sent at once.
+# After a pass that sent a burst (BURST events or more), the broadcaster waits
+# this long before looking again, so the rest of the burst goes out as one
+# write instead of waking every subscriber per event. After a pass of a few
+# events it looks again at once: lingering after every pass held the next
+# pipeline's ``pending`` up to 5 ms.
 LINGER = 0.005
+BURST = 16
 SEND_TIMEOUT = 10.0
 SEND_BUFFER = 256 * 1024
 HEADER_TIMEOUT = 10.0
@@ -246,13 +249,15 @@ class Broadcaster:
     def _run(self) -> None:
         seen = -1
         sent = behind = False
+        burst = 0
         while not self._stop.is_set():
             if behind:
                 pass  # a backfill in progress: the next batch at once, no linger
-            elif sent:
-                self._stop.wait(LINGER)  # a small batch went: let a burst gather
+            elif sent and burst >= BURST:
+                self._stop.wait(LINGER)  # a live burst: let the rest of it gather
             else:
                 self._statuses.wait_beyond(seen, 0.25)
+            burst = self._statuses.latest_id - max(seen, 0)
             seen = self._statuses.latest_id
             sent = behind = False
             for subscription in self._subscriptions:

@@ -23,7 +23,15 @@ from typing import Any
 from .. import logs, pipelines, retry
 from ..backends import Backends
 from ..statuses import NEW, PENDING, StatusLog
-from ..store import KnotEvent, Pipeline, PullTrigger, Repo, Workflow
+from ..store import (
+    KnotEvent,
+    Pipeline,
+    PullTrigger,
+    Repo,
+    Workflow,
+    compile_once,
+    insert_row,
+)
 from ..worklogs import LogBook
 from .compiler import CompiledWorkflow, Trigger, compile_workflows
 from .fetch import WorkflowFetcher
@@ -55,6 +63,24 @@ class NewPipeline:
 
 
 PUSH_SOURCES = ("refUpdate", "pipeline")
+
+# Built once: building a query costs more than running it, on the path from a
+# knot frame to its ``pending`` status. Placeholders: knot, rkey, limit; and
+# push key, accepted after, limit.
+_PIPELINE_EXISTS = compile_once(
+    lambda: (
+        Pipeline.select(Pipeline.rkey)
+        .where((Pipeline.knot == "k") & (Pipeline.rkey == "r"))
+        .limit(1)
+    )
+)
+_RECENT_PUSH = compile_once(
+    lambda: (
+        Pipeline.select(Pipeline.rkey)
+        .where((Pipeline.push_key == "p") & (Pipeline.accepted_at > 0))
+        .limit(1)
+    )
+)
 
 
 def push_key(source: str, knot: str, repo_path: str, push: dict) -> str:
@@ -118,18 +144,21 @@ class Acceptor:
                 created, rkey = statuses.mint()
             else:
                 created, rkey = now, new.rkey
-            Pipeline.insert(
-                knot=new.knot,
-                rkey=rkey,
-                repo_owner=new.repo.did,
-                repo_name=new.repo.name or new.repo.rkey,
-                record=json.dumps(new.record),
-                accepted_at=created,
-                repo_did=new.repo_did,
-                kind=new.record["triggerMetadata"]["kind"],
-                sha=pipelines.commit_sha(new.record),
-                push_key=new.push_key,
-            ).execute()
+            insert_row(
+                Pipeline,
+                {
+                    "knot": new.knot,
+                    "rkey": rkey,
+                    "repo_owner": new.repo.did,
+                    "repo_name": new.repo.name or new.repo.rkey,
+                    "record": json.dumps(new.record),
+                    "accepted_at": created,
+                    "repo_did": new.repo_did,
+                    "kind": new.record["triggerMetadata"]["kind"],
+                    "sha": pipelines.commit_sha(new.record),
+                    "push_key": new.push_key,
+                },
+            )
             rows = [self._workflow_row(new.knot, rkey, w, now) for w in new.workflows]
             if new.rkey is None:
                 statuses.append_pipeline(created, rkey, rows[0].id, new.record)
@@ -145,7 +174,7 @@ class Acceptor:
                 return True
         if new.knot_event is not None:
             knot, rkey = new.knot_event
-            if not KnotEvent.insert(knot=knot, rkey=rkey).on_conflict_ignore().execute():
+            if not insert_row(KnotEvent, {"knot": knot, "rkey": rkey}, ignore=True):
                 return True
             if self.seen_pipeline(knot, rkey):
                 return True
@@ -153,30 +182,32 @@ class Acceptor:
             # Knots of early 2026 announce a push twice, as a ref update and as
             # a compiled pipeline: whichever comes second finds the first.
             source, _, push = new.push_key.partition("|")
-            twins = [f"{other}|{push}" for other in PUSH_SOURCES if other != source]
-            recent = Pipeline.select().where(
-                Pipeline.push_key.in_(twins) & (Pipeline.accepted_at > now - PUSH_DEDUPE_NS)
-            )
-            if recent.exists():
+            (twin,) = (f"{other}|{push}" for other in PUSH_SOURCES if other != source)
+            recent = (twin, now - PUSH_DEDUPE_NS, 1)
+            if Pipeline._meta.database.execute_sql(_RECENT_PUSH(), recent).fetchone():
                 log.info("push already has a pipeline, frame ignored", extra=new.ids)
                 return True
         return False
 
     @staticmethod
     def seen_pipeline(knot: str, rkey: str) -> bool:
-        return Pipeline.select().where((Pipeline.knot == knot) & (Pipeline.rkey == rkey)).exists()
+        params = (knot, rkey, 1)
+        return (
+            Pipeline._meta.database.execute_sql(_PIPELINE_EXISTS(), params).fetchone() is not None
+        )
 
     @staticmethod
     def _workflow_row(knot: str, rkey: str, compiled: CompiledWorkflow, now: int) -> Workflow:
-        return Workflow.create(
-            knot=knot,
-            rkey=rkey,
-            name=compiled.name,
-            engine=compiled.engine,
-            status=NEW,
-            created_at=now,
-            updated_at=now,
-        )
+        values = {
+            "knot": knot,
+            "rkey": rkey,
+            "name": compiled.name,
+            "engine": compiled.engine,
+            "status": NEW,
+            "created_at": now,
+            "updated_at": now,
+        }
+        return Workflow(id=insert_row(Workflow, values), **values)
 
     def _announce(self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow) -> None:
         error = compiled.error

@@ -85,6 +85,11 @@ class _KnotStream:
             open_socket=lambda url: open_vetted_socket(url, consumer.dev),
             give_up_on=(HostRefused,),
             on_disconnect=self._save_cursor,
+            # Knots are mostly idle: a reader thread quiet for a ping interval
+            # gives its database connection back (two descriptors each
+            # otherwise). Not after every frame: reopening one cost more
+            # than the rest of taking a frame in.
+            on_idle=release_connection,
         )
         self.thread = threading.Thread(target=self._run, name=f"knot-{knot}", daemon=True)
 
@@ -109,12 +114,7 @@ class _KnotStream:
         return f"{scheme}://{self.knot}/events?cursor={cursor}"
 
     def _on_frame(self, frame: str | bytes) -> None:
-        try:
-            position = self._consumer.intake.handle(self.knot, frame)
-        finally:
-            # Knots are mostly idle: a reader thread holds no database
-            # connection between frames (two descriptors each otherwise).
-            release_connection()
+        position = self._consumer.intake.handle(self.knot, frame)
         if position is None:
             return
         cursor, self._exact = position
