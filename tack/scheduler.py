@@ -24,7 +24,14 @@ import peewee
 from . import logs, pipelines, retry
 from .backends import Backend, Backends, Job, Outcome, process
 from .statuses import FINAL, RUNNING, StatusLog
-from .store import Pipeline, Workflow, is_transient, merge_backend_state, next_pending_workflow
+from .store import (
+    Pipeline,
+    Workflow,
+    is_transient,
+    merge_backend_state,
+    next_pending_workflow,
+    pipeline_by_key,
+)
 from .workflow import WorkflowError, parse
 from .worklogs import LOG_CHECKPOINT, LogBook
 
@@ -205,8 +212,9 @@ class Scheduler:
             self._cancels.pop(workflow.id, None)
 
     def _outcome(self, workflow: Workflow, cancel: threading.Event, resume: bool) -> Outcome:
-        key = (Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey)
-        pipeline = self._with_retry(lambda: Pipeline.get(key))
+        pipeline = self._with_retry(lambda: pipeline_by_key(workflow.knot, workflow.rkey))
+        if pipeline is None:
+            raise LookupError(f"pipeline {workflow.knot}/{workflow.rkey} is not stored")
         secrets = self._with_retry(lambda: self._secrets_for(pipeline))
         workflow_log = self._logbook.open(workflow.id, secrets.values())
         try:

@@ -88,6 +88,7 @@ class StatusLog:
         self._encode = encode
         self._on_final = on_final
         self._finals: list[int] = []
+        self._said: list[dict] = []  # status log lines, written after commit
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._clock_id = random.randrange(1024)
@@ -110,17 +111,23 @@ class StatusLog:
         every write that belongs with the statuses (pipeline rows, workflows).
         """
         with self._lock:
-            self._uncommitted, self._finals = [], []
+            self._uncommitted, self._finals, self._said = [], [], []
             try:
                 with self._db.atomic():
                     yield self
             except BaseException:
-                self._uncommitted, self._finals = [], []
+                self._uncommitted, self._finals, self._said = [], [], []
                 raise
             if self._uncommitted:
                 self._publish(self._uncommitted)
-            for workflow_id in self._finals:
-                self._on_final(workflow_id)
+            finals, said = self._finals, self._said
+        # Outside the lock, which every status write of every worker waits
+        # for: waking log followers and writing log lines take longer than
+        # the transaction itself.
+        for workflow_id in finals:
+            self._on_final(workflow_id)
+        for fields in said:
+            log.info("workflow status", extra=fields)
 
     def _publish(self, events: list[tuple[int, bytes]]) -> None:
         with self._changed:
@@ -172,16 +179,15 @@ class StatusLog:
         if status in FINAL:
             self._finals.append(workflow.id)
         workflow.status = status
-        log.info(
-            "workflow status",
-            extra={
+        self._said.append(
+            {
                 "knot": workflow.knot,
                 "rkey": workflow.rkey,
                 "workflow": workflow.name,
                 "status": status,
                 "error": error,
                 "exit_code": exit_code,
-            },
+            }
         )
         return True
 

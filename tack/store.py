@@ -497,13 +497,28 @@ def insert_row(model: type[BaseModel], values: dict[str, Any], ignore: bool = Fa
     return cursor.lastrowid if cursor.rowcount else 0
 
 
-def next_pending_workflow() -> Workflow | None:
-    """The oldest queued workflow: the scheduler's queue head."""
-    cursor = database.execute_sql(_NEXT_PENDING(), ("pending", 1))
+def fetch_one(model: type[BaseModel], sql: str, params: tuple) -> Any:
+    """The first row a compiled SELECT of whole ``model`` rows finds, as a
+    model instance; None when there is none."""
+    cursor = database.execute_sql(sql, params)
     row = cursor.fetchone()
     if row is None:
         return None
-    return Workflow(**dict(zip([column[0] for column in cursor.description], row, strict=True)))
+    return model(**dict(zip([column[0] for column in cursor.description], row, strict=True)))
+
+
+def next_pending_workflow() -> Workflow | None:
+    """The oldest queued workflow: the scheduler's queue head."""
+    return fetch_one(Workflow, _NEXT_PENDING(), ("pending", 1))
+
+
+def pipeline_by_key(knot: str, rkey: str) -> Pipeline | None:
+    return fetch_one(Pipeline, _PIPELINE_BY_KEY(), (knot, rkey, 1))
+
+
+_PIPELINE_BY_KEY = compile_once(
+    lambda: Pipeline.select().where((Pipeline.knot == "k") & (Pipeline.rkey == "r")).limit(1)
+)
 
 
 _NEXT_PENDING = compile_once(
@@ -722,6 +737,9 @@ _SAVE_CURSOR = compile_once(
 # --- queries -----------------------------------------------------------------
 
 
+_REPO_BY_NAME = compile_once(
+    lambda: Repo.select().where((Repo.did == "o") & (Repo.name == "n")).limit(1)
+)
 # The directory's questions asked for every ingest batch, built once. Their
 # placeholders are, in order: owner, hostname, subject, limit; and hostname,
 # owner, owner, hostname, knot, limit.
@@ -807,7 +825,7 @@ class Directory:
         return {row.knot for row in query}
 
     def repo_by_name(self, owner: str, name: str) -> Repo | None:
-        return Repo.select().where((Repo.did == owner) & (Repo.name == name)).first()
+        return fetch_one(Repo, _REPO_BY_NAME(), (owner, name, 1))
 
     def repo_by_did(self, repo_did: str) -> Repo | None:
         """The served repo record holding ``repo_did``: the first one written.
