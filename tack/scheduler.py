@@ -93,6 +93,12 @@ class Scheduler:
             thread.join(timeout)
 
     def _recover(self) -> None:
+        for backend in self._backends.instances.values():
+            for action in backend.remove_strays():
+                log.info(
+                    "leftover of a previous run removed",
+                    extra={"backend": backend.name, "action": action},
+                )
         for workflow in Workflow.select().where(Workflow.status == RUNNING):
             backend = self._backends.resolve(workflow.engine)
             if backend is not None and type(backend).resume is not Backend.resume:
@@ -102,7 +108,8 @@ class Scheduler:
                 continue
             # What the dead process's run left (its steps, its workspace) goes
             # before the workflow is reported, so nothing writes after `failed`.
-            for action in process.end_leftovers(workflow.state):
+            ender = backend.end_leftovers if backend is not None else process.end_leftovers
+            for action in ender(workflow.state):
                 log.info(
                     "leftover of a previous run ended", extra=_ids(workflow) | {"action": action}
                 )

@@ -105,12 +105,16 @@ BASE64_LINE_BYTES = 57
 def secret_variants(secrets: Iterable[str]) -> list[str]:
     """Each secret as it could appear in output: verbatim, base64-encoded
     whole, and, for a long secret, the base64 of each 57-byte piece (the
-    lines of a wrapped `base64` output), so no line of it shows in clear."""
+    lines of a wrapped `base64` output), so no line of it shows in clear.
+    Logs are written line by line, so a secret of several lines (a key file)
+    is also masked line by line."""
     variants: set[str] = set()
     for value in secrets:
         if len(value) < 3:  # masking "a" would shred the whole log
             continue
         variants.add(value)
+        if "\n" in value:
+            variants.update(line for line in value.splitlines() if len(line.strip()) >= 3)
         raw = value.encode()
         variants.add(base64.b64encode(raw).decode().rstrip("="))
         if len(raw) > BASE64_LINE_BYTES:

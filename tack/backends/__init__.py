@@ -107,6 +107,18 @@ class Backend:
         """Pick up a run a previous tack process started; None: not possible."""
         return None
 
+    def end_leftovers(self, state: dict[str, Any]) -> list[str]:
+        """End what a dead tack's run of this backend left (its saved
+        ``state`` says what), before the workflow is reported; what was done."""
+        from . import process
+
+        return process.end_leftovers(state)
+
+    def remove_strays(self) -> list[str]:
+        """At start, before any workflow runs: remove what this backend's runs
+        left that no saved state names (containers); what was removed."""
+        return []
+
 
 class Backends:
     """The configured backend instances and the engine aliases that point at them."""
@@ -123,6 +135,7 @@ def _types() -> dict[str, type[Backend]]:
     from .buildbot import BuildbotBackend
     from .buildkite import BuildkiteBackend
     from .command import CommandBackend
+    from .container import ContainerBackend
     from .dummy import DummyBackend
     from .github import GitHubBackend
     from .gitlab import GitLabBackend
@@ -131,6 +144,7 @@ def _types() -> dict[str, type[Backend]]:
 
     classes = (
         ShellBackend,
+        ContainerBackend,
         CommandBackend,
         WebhookBackend,
         DummyBackend,
@@ -155,10 +169,31 @@ def build(name: str, raw: dict[str, Any], context: Context) -> Backend:
     return backend
 
 
+def default_backends(context: Context) -> Backends:
+    """Without ``tack.toml``: a shell backend named shell, and for ``engine:
+    nixery`` (nearly every Tangled workflow) a container backend named nixery
+    when podman or docker is installed; without either, nixery workflows
+    fail with one line saying what to install."""
+    from .container import UnavailableBackend, find_runtime
+
+    instances = {"shell": build("shell", {"type": "shell"}, context)}
+    if find_runtime() is not None:
+        instances["nixery"] = build("nixery", {"type": "container"}, context)
+    else:
+        instances["nixery"] = UnavailableBackend("nixery", NO_CONTAINER_RUNTIME, context)
+    return Backends(instances)
+
+
+NO_CONTAINER_RUNTIME = (
+    'engine "nixery" needs a container runtime: install podman (or docker), '
+    "or configure a backend for nixery in TACK_CONFIG"
+)
+
+
 def load(path: str | None, context: Context) -> Backends:
-    """The backends ``tack.toml`` configures; with no file, one shell backend named shell."""
+    """The backends ``tack.toml`` configures; with no file, ``default_backends``."""
     if path is None:
-        return Backends({"shell": build("shell", {"type": "shell"}, context)})
+        return default_backends(context)
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

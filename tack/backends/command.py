@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..worklogs import USER_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome, process
+from .checkout import outcome_of
 from .options import Options
-from .shell import outcome_of, workflow_environment
+from .shell import workflow_environment
 
 
 def describe(job: Job) -> dict:

@@ -25,12 +25,10 @@ from pathlib import Path
 
 from .. import logs
 from ..config import ConfigError
-from ..pipelines import commit_sha
-from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
-from . import Backend, Context, Job, Outcome, process
+from ..worklogs import USER_STEP, WorkflowLog
+from . import Backend, Context, Job, Outcome, checkout, process
 from .options import Options
 
-CLONE_STEP = "Clone repository"
 _log = logs.get("shell")
 
 
@@ -42,29 +40,6 @@ def workflow_environment(job: Job, home: Path, step_env: dict[str, str] | None =
     env.update(job.env)
     env.update(job.secrets)
     return env
-
-
-def outcome_of(result: process.Finished, what: str, timeout: float) -> Outcome | None:
-    """The workflow's outcome when this process ended it; None to carry on."""
-    if result.cancelled:
-        return Outcome("cancelled")
-    if result.timed_out:
-        return Outcome("timeout", f"timed out after {timeout:g}s")
-    if result.exit_code:
-        return Outcome(
-            "failed", f"{what} failed with exit code {result.exit_code}", result.exit_code
-        )
-    return None
-
-
-def clone_target(record: dict) -> str:
-    """What the clone fetches: the pipeline's commit; a manual run without
-    one takes the default branch, or the remote's HEAD when none is known."""
-    sha = commit_sha(record)
-    if sha:
-        return sha
-    branch = record["triggerMetadata"]["repo"].get("defaultBranch")
-    return f"refs/heads/{branch}" if branch else "HEAD"
 
 
 UNSANDBOXED = (
@@ -136,25 +111,30 @@ class ShellBackend(Backend):
         if not self.sandboxed:
             log.data(0, UNSANDBOXED, "stderr")
         try:
-            checkout = workspace / "checkout"
-            checkout.mkdir()
+            tree = workspace / "checkout"
+            tree.mkdir()
             step_id = 0
-            if not job.workflow.get("clone", {}).get("skip", False):
-                outcome = self._clone(job, log, workspace, checkout, deadline)
+            if checkout.wants_clone(job):
+                outcome = checkout.clone(
+                    job, log, tree, workspace, deadline,
+                    dev=self.context.dev, timeout=self.timeout, kill_grace=self.kill_grace,
+                    prefix=self._confine(workspace, tree),
+                )  # fmt: skip
                 if outcome:
                     return outcome
                 step_id = 1
+            self._warn_about_dependencies(job, log, step_id)
             for step in job.spec.steps:
                 log.start_step(step_id, step.name, USER_STEP, step.command)
                 result = process.run(
                     [
-                        *self._confine(workspace, checkout),
+                        *self._confine(workspace, tree),
                         *self.wrapper,
                         self.shell,
                         "-c",
                         step.command,
                     ],
-                    cwd=checkout,
+                    cwd=tree,
                     env=workflow_environment(job, workspace, step.environment),
                     cancel=job.cancel,
                     deadline=deadline,
@@ -163,13 +143,33 @@ class ShellBackend(Backend):
                     on_start=lambda pid: job.save_state(process.leftover_state(pid, workspace)),
                 )
                 log.end_step(step_id, step.name, USER_STEP)
-                outcome = outcome_of(result, f"step {step.name!r}", self.timeout)
+                outcome = checkout.outcome_of(result, f"step {step.name!r}", self.timeout)
                 if outcome:
                     return outcome
                 step_id += 1
             return Outcome("success")
         finally:
             shutil.rmtree(workspace, ignore_errors=True)
+
+    @staticmethod
+    def _warn_about_dependencies(job: Job, log: WorkflowLog, step_id: int) -> None:
+        """Say in the log that ``dependencies`` are not installed here: the
+        steps run with whatever this host has."""
+        dependencies = job.spec.document.get("dependencies")
+        if not dependencies:
+            return
+        listed = dependencies if isinstance(dependencies, dict) else {}
+        names = ", ".join(
+            f"{source}: {' '.join(map(str, packages or []))}".strip()
+            for source, packages in listed.items()
+            if isinstance(packages, list | type(None))
+        )
+        log.data(
+            step_id,
+            f"tack: the shell backend does not install dependencies ({names[:300]});"
+            " steps run with what this host has. Use a container backend for them.",
+            "stderr",
+        )
 
     def _confine(self, workspace: Path, checkout: Path) -> list[str]:
         """The bubblewrap prefix for one command (nothing when unsandboxed).
@@ -191,42 +191,3 @@ class ShellBackend(Backend):
         if os.getuid() == 0:
             argv += ["--cap-drop", "ALL"]
         return [*argv, "--"]
-
-    def _clone(self, job: Job, log: WorkflowLog, home: Path, checkout: Path, deadline: float):
-        clone = job.workflow.get("clone", {})
-        target = clone_target(job.pipeline)
-        # Protocol §2: "--depth=<depth or 1>"; a zero depth is the default, not
-        # a full clone, so a workflow behaves here as on the official spindle.
-        fetch = ["git", "fetch", f"--depth={clone.get('depth') or 1}"]
-        if clone.get("submodules"):
-            fetch.append("--recurse-submodules=yes")
-        if clone.get("tags"):
-            fetch.append("--tags")
-        commands = [
-            ["git", "init", "-q"],
-            ["git", "remote", "add", "origin", job.env["TANGLED_REPO_URL"]],
-            [*fetch, "origin", target],
-            ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"],
-        ]
-        if clone.get("submodules"):
-            commands.append(["git", "submodule", "update", "--init", "--recursive"])
-        env = process.base_environment(home) | {"GIT_TERMINAL_PROMPT": "0"}
-        log.start_step(0, CLONE_STEP, SYSTEM_STEP, f"git fetch origin {target}")
-        try:
-            for argv in commands:
-                result = process.run(
-                    [*self._confine(home, checkout), *argv],
-                    cwd=checkout,
-                    env=env,
-                    cancel=job.cancel,
-                    deadline=deadline,
-                    on_line=lambda stream, line: log.data(0, line, stream),
-                    kill_grace=self.kill_grace,
-                    on_start=lambda pid: job.save_state(process.leftover_state(pid, home)),
-                )
-                outcome = outcome_of(result, "clone", self.timeout)
-                if outcome:
-                    return outcome
-        finally:
-            log.end_step(0, CLONE_STEP, SYSTEM_STEP)
-        return None

@@ -31,7 +31,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .. import logs
-from ..net import HostRefused, vet_host, vetted_addresses, vetted_get_json
+from ..git import HostRefused, pin_knot, safe_settings
+from ..net import vet_host, vetted_get_json
 from ..workflow import UNREADABLE
 
 log = logs.get("fetch")
@@ -112,17 +113,13 @@ class WorkflowFetcher:
     def _remote(self, knot: str, repo_path: str) -> tuple[str, str]:
         """The remote URL and the curl resolve entry pinning it to a vetted address."""
         try:
-            vet_host(knot, self.dev)
-            host, _, port_text = knot.partition(":")
-            port = int(port_text) if port_text else (80 if self.dev else 443)
-            address = vetted_addresses(host, port, self.dev)[0][4][0]
+            resolve = pin_knot(knot, self.dev)
         except HostRefused as exc:
             raise FetchError(f"knot {knot!r} refused: {exc}", transient=False) from None
         except OSError as exc:
             raise FetchError(f"knot {knot!r} does not resolve: {exc}") from None
         scheme = "http" if self.dev else "https"
-        pinned = f"[{address}]" if ":" in address else address
-        return f"{scheme}://{knot}/{repo_path}", f"{host}:{port}:{pinned}"
+        return f"{scheme}://{knot}/{repo_path}", resolve
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:
@@ -156,22 +153,13 @@ class _Git:
     def __init__(self, mirror: Path, resolve: str, dev: bool, timeout: float) -> None:
         self.mirror = mirror
         self.timeout = timeout
-        allowed = "http" if dev else "https"
         self.settings = [
-            "-c", "protocol.allow=never",
-            "-c", f"protocol.{allowed}.allow=always",
-            "-c", "http.followRedirects=false",
-            "-c", "credential.helper=",
-            "-c", "core.hooksPath=/dev/null",
-            "-c", "http.lowSpeedLimit=1024",
-            "-c", "http.lowSpeedTime=15",
+            *safe_settings(dev, resolve),
             # No detached gc or maintenance: it would rewrite the shallow file
             # under the next fetch, outside the mirror's lock.
             "-c", "gc.auto=0",
             "-c", "maintenance.auto=false",
         ]  # fmt: skip
-        if resolve:
-            self.settings += ["-c", f"http.curloptResolve={resolve}"]
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(mirror.parent),
