@@ -413,13 +413,54 @@ def test_bad_backend_configuration_exits_2_naming_the_key(tmp_path, toml, phrase
     )
 
 
-def test_no_config_file_means_one_shell_backend(tmp_path):
-    from tack.backends import load
+def test_no_config_file_means_shell_and_a_container_backend_for_nixery(tmp_path, monkeypatch):
+    """With podman or docker on PATH, ``engine: nixery`` gets a container
+    backend; without either, a nixery workflow fails with one line saying
+    what to install, and the shell backend still runs."""
+    from tack.backends import NO_CONTAINER_RUNTIME, load
 
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "podman").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "podman").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
     backends = load(None, Context("spindle.test", dev=False))
-    assert list(backends.instances) == ["shell"]
-    assert backends.resolve("shell").type_name == "shell"
-    assert backends.resolve("nixery") is None
+    assert sorted(backends.instances) == ["nixery", "shell"]
+    assert backends.resolve("nixery").type_name == "container"
+    assert backends.resolve("nixery").runtime == "podman"
+
+    (tools / "podman").unlink()
+    monkeypatch.setenv("PATH", str(tools))  # neither podman nor docker
+    backends = load(None, Context("spindle.test", dev=False))
+    nixery = backends.resolve("nixery")
+    raw = "steps:\n  - name: build\n    command: go build\n"
+    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "nixery", raw)])
+    job = Job(1, "knot.test", "3l", "ci.yml", "nixery", "at://x", record, {}, parse(raw), {})
+    book = LogBook(tmp_path / "logs")
+    log = book.open(1)
+    outcome = nixery.run(job, log)
+    log.close()
+    assert (outcome.status, outcome.error) == ("failed", NO_CONTAINER_RUNTIME)
+    assert "install podman" in NO_CONTAINER_RUNTIME
+    assert "needs a container runtime: install podman" in book.path(1).read_text()
+
+
+def test_shell_warns_in_the_log_about_dependencies_it_cannot_install(tmp_path):
+    backend = build(
+        "shell",
+        {"type": "shell", "workspace_root": str(tmp_path / "ws")},
+        Context("spindle.test", dev=True),
+    )
+    raw = "dependencies:\n  nixpkgs: [go]\nsteps:\n  - name: s\n    command: 'true'\n"
+    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "shell", raw)])
+    workflow = {"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}}
+    job = Job(1, "knot.test", "3l", "ci.yml", "shell", "at://x", record, workflow, parse(raw), {})
+    book = LogBook(tmp_path / "logs")
+    log = book.open(1)
+    assert backend.run(job, log).status == "success"
+    log.close()
+    text = book.path(1).read_text()
+    assert "does not install dependencies (nixpkgs: go)" in text
 
 
 def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
@@ -431,15 +472,20 @@ def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
     assert os.environ["PATH"] == env["PATH"]
 
 
-def test_the_shipped_example_configuration_loads(monkeypatch):
+def test_the_shipped_example_configuration_loads(monkeypatch, tmp_path):
     from tack.backends import load
 
+    fake = tmp_path / "podman"  # the example names podman; only its presence is checked
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     for name in ("TACK_WEBHOOK_SECRET", "GITHUB_TOKEN", "GITLAB_TOKEN", "BUILDKITE_TOKEN"):
         monkeypatch.setenv(name, "s")
     example = Path(__file__).resolve().parent.parent / "scripts" / "tack.toml"
     backends = load(str(example), Context("spindle.example.com", dev=False))
     assert set(backends.instances) == {
         "shell",
+        "nixery",
         "jenkins-cli",
         "ci",
         "dummy",
@@ -448,4 +494,5 @@ def test_the_shipped_example_configuration_loads(monkeypatch):
         "gitlab",
         "buildkite",
     }
-    assert backends.resolve("nixery") is backends.instances["shell"]
+    assert backends.resolve("nixery").type_name == "container"
+    assert backends.resolve("local") is backends.instances["shell"]

@@ -9,6 +9,9 @@ docker-registry is missing (``.ci/run`` installs both).
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import subprocess
 import textwrap
 import threading
 import time
@@ -23,9 +26,19 @@ from tack.workflow import parse
 from tack.worklogs import LogBook
 
 from . import containers
+from .spindle_clients import EventsClient, read_log
 from .standins import (
     OWNER,
+    REPO,
+    Clock,
+    KnotStandin,
+    TackProcess,
+    commit,
+    make_git_repo,
     push_pipeline,
+    repo,
+    tack_env,
+    wait_until,
 )
 
 
@@ -90,9 +103,7 @@ def run_job(backend, job: Job, tmp_path: Path):
 
 def test_image_names_follow_the_official_spindle():
     plain = {"dependencies": {"nixpkgs": ["go", "gnumake"]}}
-    assert plan_image(plain, "nixery.dev", None).image.endswith(
-        "go/gnumake/bash/git/coreutils/nix"
-    )
+    assert plan_image(plain, "nixery.dev", None).image.endswith("go/gnumake/bash/git/coreutils/nix")
     assert plan_image({}, "reg.test", None).image.endswith("reg.test/bash/git/coreutils/nix") or (
         plan_image({}, "reg.test", None).image == nixery_image("reg.test", [])
     )
@@ -247,3 +258,127 @@ def test_a_failed_pull_fails_the_workflow_with_the_runtimes_message(podman, tmp_
     assert outcome.status == "failed"
     assert outcome.error.startswith("image pull failed:") and "manifest unknown" in outcome.error
     assert "never" not in text.replace('"Never"', "")
+
+
+# --- through a real tack process ------------------------------------------------------
+
+OFFICIAL_STYLE = """
+when:
+  - event: ["push", "pull_request"]
+    branch: ["main"]
+
+engine: nixery
+
+dependencies:
+  nixpkgs:
+    - hello
+
+environment:
+  GREETING: "hello"
+
+steps:
+  - name: Show the checkout
+    command: |
+      echo "at $(pwd): $(cat .git/HEAD)"
+      cat greeting.txt
+  - name: Greet
+    command: echo "$GREETING from the container"
+"""
+
+
+@pytest.fixture
+def git_knot(tmp_path):
+    standin = KnotStandin(git_root=tmp_path / "git")
+    yield standin
+    standin.close()
+
+
+def tack_with_nixery(tmp_path: Path, jetstream, registry, **options) -> tuple[TackProcess, int]:
+    """A real tack whose ``nixery`` engine is a container backend on ``registry``."""
+    extra = "".join(f"{key} = {value!r}\n" for key, value in options.items())
+    config = tmp_path / "tack.toml"
+    config.write_text(
+        "[backends.nixery]\n"
+        'type = "container"\n'
+        'runtime = "podman"\n'
+        f'registry = "http://{registry.address}"\n'
+        f'workspace_root = "{tmp_path}/workspaces"\n'
+        "kill_grace = 1\n" + extra.replace("'", '"')
+    )
+    run = len(list(tmp_path.glob("tack-*.log")))
+    env = tack_env(tmp_path, jetstream.url, TACK_CONFIG=str(config))
+    proc = TackProcess(env, tmp_path / f"tack-{run}.log")
+    return proc, proc.wait_for_log("listening")["port"]
+
+
+def test_an_unchanged_official_workflow_runs_end_to_end(podman, tmp_path, jetstream, git_knot):
+    registry, image = podman
+    registry.push(image, "hello/bash/git/coreutils/nix")
+    sha = make_git_repo(git_knot.git_root, OWNER, "hello", {"greeting.txt": "from the repo\n"})
+    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("hello", git_knot.name)))
+    proc, port = tack_with_nixery(tmp_path, jetstream, registry)
+    try:
+        wait_until(lambda: git_knot.open_connections == 1, timeout=20, what="knot subscription")
+        client = EventsClient(port).start()
+        record = push_pipeline(
+            git_knot.name, OWNER, "hello", [("ci.yml", "nixery", OFFICIAL_STYLE)], sha=sha
+        )
+        record["workflows"][0]["clone"]["skip"] = False
+        rkey = git_knot.send_pipeline(record)
+        wait_until(lambda: client.statuses() == ["pending", "running", "success"], timeout=90)
+        lines = read_log(port, f"/logs/{git_knot.name}/{rkey}/ci.yml").lines
+        contents = [line["content"] for line in lines]
+        assert f"at /tangled/workspace: {sha}" in contents
+        assert "from the repo" in contents and "hello from the container" in contents
+        systems = [
+            line["content"]
+            for line in lines
+            if line["kind"] == "control" and line.get("step_kind") == 0
+        ]
+        assert systems[:2] == ["Clone repository", "Clone repository"]
+        assert "Pull image" in systems and "Configure Nix" in systems
+    finally:
+        assert proc.terminate() == 0
+
+
+def running_containers() -> list[str]:
+    out = subprocess.run(
+        ["podman", "ps", "--filter", "label=tack.workflow", "--format", "{{.Names}}"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    return out.split()
+
+
+def test_kill_9_mid_run_then_restart_removes_the_container(podman, tmp_path, jetstream, git_knot):
+    registry, image = podman
+    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("hello", git_knot.name)))
+    proc, port = tack_with_nixery(tmp_path, jetstream, registry, image=image)
+    hang = "steps:\n  - name: Hang\n    command: echo started; sleep 300\n"
+    wait_until(lambda: git_knot.open_connections == 1, timeout=20, what="knot subscription")
+    client = EventsClient(port).start()
+    git_knot.send_pipeline(
+        push_pipeline(git_knot.name, OWNER, "hello", [("hang.yml", "nixery", hang)])
+    )
+    wait_until(lambda: client.statuses() == ["pending", "running"], timeout=60)
+    wait_until(
+        lambda: [n for n in running_containers() if n.startswith("tack-")],
+        timeout=60, what="the workflow's container",
+    )  # fmt: skip
+    ours = [name for name in running_containers() if name.startswith("tack-")]
+    time.sleep(1.0)  # the step is under way
+    os.kill(proc.proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert set(ours) <= set(containers.containers_labelled("tack.workflow"))  # left behind
+
+    proc, port = tack_with_nixery(tmp_path, jetstream, registry, image=image)
+    try:
+        after = EventsClient(port).start()
+        wait_until(
+            lambda: after.statuses("hang.yml") == ["pending", "running", "failed"], timeout=30
+        )
+        left = set(containers.containers_labelled("tack.workflow"))
+        assert not (set(ours) & left), "the restart removed the dead run's container"
+        assert not any(containers.networks_named(name) for name in ours)
+        assert list((tmp_path / "workspaces").iterdir()) == []
+    finally:
+        assert proc.terminate() == 0

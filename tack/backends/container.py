@@ -336,15 +336,29 @@ class ContainerBackend(Backend):
             return None
         return done.returncode
 
+    def _remove_container(self, name: str) -> list[str]:
+        """Remove at once: ``cat`` as the container's first process ignores
+        SIGTERM, and podman would wait its 10 s stop timeout first."""
+        if os.path.basename(self.runtime) == "podman":
+            return ["rm", "--force", "--time", "0", name]
+        return ["rm", "--force", name]  # docker kills straight away
+
+    def _remove_network(self, name: str) -> list[str]:
+        """podman's ``--force`` also takes the network from a container still
+        being torn down, which otherwise keeps it "in use" for a moment."""
+        if os.path.basename(self.runtime) == "podman":
+            return ["network", "rm", "--force", name]
+        return ["network", "rm", name]
+
     def stop_container(self, name: str) -> None:
         self._quiet(["stop", "--time", str(int(self.kill_grace)), name], self.kill_grace + 30)
 
     def _remove(self, name: str, network: str | None, workspace: Path | None) -> list[str]:
         """Remove the container, its network and the workspace; what was removed."""
         done = []
-        if self._quiet(["rm", "--force", name]) == 0:
+        if self._quiet(self._remove_container(name)) == 0:
             done.append(f"removed container {name}")
-        if network and self._quiet(["network", "rm", network]) == 0:
+        if network and self._quiet(self._remove_network(network)) == 0:
             done.append(f"removed network {network}")
         if workspace is not None and workspace.is_dir():
             shutil.rmtree(workspace, ignore_errors=True)
@@ -377,9 +391,10 @@ class ContainerBackend(Backend):
             except (OSError, subprocess.TimeoutExpired):
                 continue
             for stray in out.split():
-                remove = (
-                    ["rm", "--force", stray] if kind == "container" else ["network", "rm", stray]
-                )
+                if kind == "container":
+                    remove = self._remove_container(stray)
+                else:
+                    remove = self._remove_network(stray)
                 if self._quiet(remove) == 0:
                     done.append(f"removed {kind} {stray}")
         return done
