@@ -372,9 +372,9 @@ class SerialWriteDatabase(SqliteDatabase):
     worker's status write behind the intake's commit waited tens of
     milliseconds for a lock released after one. Here a write transaction
     first takes a process-wide lock, so writers queue and start the moment
-    the one before commits. Waiting is bounded: past the busy timeout the
-    transaction goes ahead unqueued and SQLite's own busy handling decides,
-    as before, so a transaction held open by mistake cannot stop the rest.
+    the one before commits. Waiting is bounded by the same busy timeout and
+    ends the same way, "database is locked": a transient error its caller
+    retries (and logs), as when another process holds SQLite's lock.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -383,7 +383,9 @@ class SerialWriteDatabase(SqliteDatabase):
         self._holding = threading.local()
 
     def begin(self, lock_type: str | None = None) -> None:
-        self._holding.writer = self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000)
+        if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise peewee.OperationalError("database is locked (by another thread of tack)")
+        self._holding.writer = True
         try:
             super().begin(lock_type)
         except BaseException:
