@@ -4,33 +4,42 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: install run test bench lint format demo
+.PHONY: install install-test run test bench lint format demo
 
+# `make run` installs what tack needs to run and nothing else; the targets
+# that test, measure or lint add the test extras (pytest, buildbot, ruff…).
 install: $(STAMP)
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+install-test: $(TESTSTAMP)
+
+$(TESTSTAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TESTSTAMP)
 
 run: install
 	$(BIN)/python -m tack
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-test
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-lint: install
+lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-format: install
+format: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-demo: install
+demo: install-test
 	$(BIN)/python scripts/demo.py
