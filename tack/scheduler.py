@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -53,7 +54,11 @@ class Scheduler:
         dev: bool,
         stop: threading.Event,
         secrets_for: SecretsFor = lambda pipeline: {},
+        on_finished: Callable[[Workflow, str, float], None] = lambda workflow, status, s: None,
     ) -> None:
+        """``on_finished(workflow, status, seconds)`` follows each final
+        status a worker writes (seconds since the worker took it)."""
+        self._on_finished = on_finished
         self._db = db
         self._statuses = statuses
         self._logbook = logbook
@@ -153,6 +158,10 @@ class Scheduler:
 
         return self._with_retry(attempt)
 
+    def figures(self) -> tuple[int, int]:
+        """(workflows running in this process, workers) for /healthz and /metrics."""
+        return len(self._cancels), self._workers
+
     # --- workers ------------------------------------------------------------------------
 
     def _worker(self) -> None:
@@ -202,6 +211,7 @@ class Scheduler:
         on the way (invariant 4): only a transient store error, retried in
         place, or our own shutdown keeps it from ending now."""
         cancel = self._cancels[workflow.id]
+        started = time.monotonic()
         try:
             outcome = self._outcome(workflow, cancel, resume)
         except Exception as exc:
@@ -214,7 +224,8 @@ class Scheduler:
             # A run stopped by our own shutdown is not the user's cancel: it
             # stays running and the next start resumes or fails it.
             if not (self._stopping.is_set() and outcome.status == "cancelled"):
-                self._finish(workflow, outcome)
+                status = self._finish(workflow, outcome)
+                self._on_finished(workflow, status, time.monotonic() - started)
         finally:
             self._cancels.pop(workflow.id, None)
 
@@ -281,7 +292,8 @@ class Scheduler:
             save_state=save_state,
         )
 
-    def _finish(self, workflow: Workflow, outcome: Outcome) -> None:
+    def _finish(self, workflow: Workflow, outcome: Outcome) -> str:
+        """Write the final status; which one it was."""
         status = outcome.status if outcome.status in FINAL else "failed"
 
         def attempt() -> None:
@@ -289,6 +301,7 @@ class Scheduler:
                 statuses.append(workflow, status, outcome.error, outcome.exit_code)
 
         self._with_retry(attempt)
+        return status
 
     def _with_retry(self, operation):
         return retry.store_writes(self._stop, log, "store busy, retrying")(operation)

@@ -24,6 +24,7 @@ from .api.ci import CiApi
 from .api.follow import LogFollower
 from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
+from .api.operator import Operator, Probes
 from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth
@@ -35,6 +36,8 @@ from .intake.knot_frames import KnotIntake
 from .intake.knots import KnotConsumer, KnotSubscriptions
 from .intake.pulls import PullRequests
 from .jetstream import Ingester
+from .metrics import Metrics
+from .metrics import State as MetricsState
 from .scheduler import Scheduler
 from .secrets import SecretStore, load_keys, rotation_requested
 from .startup import DatabaseLock, bind_listener, check_log_dir, open_store
@@ -79,6 +82,7 @@ class Spindle:
             undo.pop_all()
 
     def _build(self, config: Config, knots: KnotSubscriptions | None, backends: Backends) -> None:
+        self.metrics = Metrics()
         self.directory = store.Directory(config.hostname, config.owner)
         self.logbook = LogBook(config.log_dir)
         self.statuses = StatusLog(self.db, encode=encode_text_frame, on_final=self.logbook.notify)
@@ -99,19 +103,26 @@ class Spindle:
             dev=config.dev,
             stop=self.stop_event,
             secrets_for=self._secrets_for,
+            on_finished=self._count_finished,
         )
         self.auth = ServiceAuth(config.spindle_did, config.plc_url, config.dev)
         self.acceptor = Acceptor(
             self.statuses,
             self.logbook,
             self.backends,
-            on_accepted=self.scheduler.wake,
+            on_accepted=self._accepted,
             stop=self.stop_event,
         )
         # Workflow mirrors live beside the database: state tack may rebuild.
         mirrors = Path(config.db_path).resolve().parent / "tack-mirrors"
         self.fetcher = WorkflowFetcher(mirrors, config.dev)
-        self.intake = KnotIntake(self.directory, self.acceptor, self.fetcher, self.stop_event)
+        self.intake = KnotIntake(
+            self.directory,
+            self.acceptor,
+            self.fetcher,
+            self.stop_event,
+            on_rejected=self.metrics.rejected,
+        )
         self.pulls = PullRequests(
             self.directory,
             self.acceptor,
@@ -152,7 +163,55 @@ class Spindle:
             app.post_routes.update(post_routes)
         logstream = PipelineLogStream(follower)
         app.get_routes[LOGSTREAM_PATH] = logstream.route
+        self._watch(app, follower)
         self.server = Server(self.httpd, app)
+
+    # --- what the operator sees (/healthz, /metrics) -----------------------------------
+
+    def _watch(self, app: App, follower: LogFollower) -> None:
+        applier, reader = self.ingester.applier, self.ingester.reader
+        self.metrics.watch(
+            MetricsState(
+                jetstream_applied=lambda: applier.applied,
+                jetstream_skipped=lambda: self.ingester.decoder.bad + applier.unwritable,
+                jetstream_cursor_us=lambda: applier.cursor,
+                knot_streams=self._knot_figures,
+                workflows=lambda: (self.scheduler.figures()[0], self._queued()),
+                subscribers=lambda: (app.broadcaster.subscribers, follower.streams),
+            )
+        )
+        app.on_response = self._count_response
+        probes = Probes(
+            db_path=self.config.db_path,
+            jetstream=lambda: (reader.connected, _age(reader.last_frame_at)),
+            knots=self._knot_figures,
+            workers=self.scheduler.figures,
+            queued=self._queued,
+        )
+        app.get_routes.update(Operator(probes, self.metrics).routes())
+
+    def _knot_figures(self) -> tuple[int, int, int]:
+        if isinstance(self.knots, KnotConsumer):
+            return self.knots.figures()
+        return 0, 0, 0
+
+    def _queued(self) -> int:
+        try:
+            return store.queued_workflows()
+        finally:
+            store.release_connection()  # asked from HTTP threads
+
+    def _accepted(self, workflows: int) -> None:
+        self.metrics.pipelines_accepted.inc()
+        self.scheduler.wake(workflows)
+
+    def _count_finished(self, workflow: Workflow, status: str, seconds: float) -> None:
+        backend = self.backends.resolve(workflow.engine)
+        self.metrics.workflows_finished.labels(status).inc()
+        self.metrics.workflow_seconds.labels(backend.name if backend else "none").observe(seconds)
+
+    def _count_response(self, route: str, status: int) -> None:
+        self.metrics.http_requests.labels(route, str(status)).inc()
 
     def _secrets_of_workflow(self, workflow_id: int) -> list[str]:
         workflow = Workflow.get_or_none(Workflow.id == workflow_id)
@@ -207,6 +266,10 @@ class Spindle:
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})
         self.db.close()
         self.lock.release()
+
+
+def _age(moment: float | None) -> float | None:
+    return None if moment is None else time.monotonic() - moment
 
 
 def _left(deadline: float) -> float:

@@ -514,6 +514,11 @@ def next_pending_workflow() -> Workflow | None:
     return fetch_one(Workflow, _NEXT_PENDING(), ("pending", 1))
 
 
+def queued_workflows() -> int:
+    """Workflows waiting for a worker (/healthz, /metrics)."""
+    return Workflow.select().where(Workflow.status == "pending").count()
+
+
 def pipeline_by_key(knot: str, rkey: str) -> Pipeline | None:
     return fetch_one(Pipeline, _PIPELINE_BY_KEY(), (knot, rkey, 1))
 

@@ -174,6 +174,7 @@ class Follower:
         self._ws: websocket.WebSocket | None = None
         self.connections = 0
         self.frames = 0
+        self.last_frame_at: float | None = None  # monotonic
         self._session_frames = 0
 
     def run(self) -> None:
@@ -192,6 +193,10 @@ class Follower:
             # Even after a healthy session, wait the shortest delay before
             # reconnecting, so a peer that keeps dropping us is not hammered.
             self._stop.wait(self._backoff.initial)
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
 
     def close(self) -> None:
         """Abort the current connection (used when a knot is released)."""
@@ -286,7 +291,7 @@ class Follower:
                 due = min(last_ping + ping_every, last_heard + idle_limit)
                 ws.settimeout(max(due - now, 0.05))
                 continue
-            last_heard = time.monotonic()
+            last_heard = self.last_frame_at = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise StreamEnded(_close_reason(data))
             if opcode == websocket.ABNF.OPCODE_TEXT:

@@ -1,15 +1,34 @@
-"""What an operator installs beside tack: the systemd unit and the
-supervisord program, checked by the tools that read them."""
+"""What an operator relies on: the systemd unit and the supervisord program
+(checked by the tools that read them), and a running tack's /healthz and
+/metrics (read by a client and by prometheus_client's own parser)."""
 
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .standins import (
+    OWNER,
+    REPO,
+    Clock,
+    KnotStandin,
+    TackProcess,
+    commit,
+    push_pipeline,
+    repo,
+    tack_env,
+    wait_until,
+)
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -45,3 +64,90 @@ def test_the_supervisord_program_names_a_user_and_its_folders():
     assert tack["user"] == "tack" and tack["directory"] == "/var/lib/tack"
     text = (SCRIPTS / "supervisord.conf").read_text()
     assert "useradd" in text and "install -d" in text  # the steps before it loads
+
+
+# --- /healthz and /metrics of a real tack ----------------------------------------------
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def health(port: int) -> tuple[int, dict]:
+    status, body = http_get(port, "/healthz")
+    return status, json.loads(body)
+
+
+def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample on /metrics, parsed by prometheus_client's own parser."""
+    status, body = http_get(port, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@pytest.fixture
+def running_tack(tmp_path, jetstream):
+    knot = KnotStandin()
+    jetstream.add(commit(Clock(), OWNER, REPO, "r1", "create", repo("hello", knot.name)))
+    proc = TackProcess(tack_env(tmp_path, jetstream.url), tmp_path / "tack.log")
+    port = proc.wait_for_log("listening")["port"]
+    wait_until(lambda: knot.open_connections == 1, what="knot subscription")
+    yield proc, port, knot, tmp_path / "spindle.db"
+    proc.terminate()
+    knot.close()
+
+
+def test_healthz_is_ok_then_names_jetstream_when_it_goes_down(running_tack, jetstream):
+    _, port, _, _ = running_tack
+    wait_until(lambda: health(port)[0] == 200, what="healthy")
+    _, body = health(port)
+    assert body["status"] == "ok" and body["failing"] == []
+    assert body["checks"]["knots"] == {"ok": True, "followed": 1, "connected": 1}
+    assert body["checks"]["workers"]["total"] == 2
+    assert body["checks"]["jetstream"]["last_event_age_s"] is not None
+    assert http_get(port, "/healthz")[0] == 200
+    jetstream.close()
+    wait_until(lambda: health(port)[0] == 503, timeout=20, what="jetstream reported down")
+    _, body = health(port)
+    assert body["failing"] == ["jetstream"] and body["checks"]["jetstream"]["connected"] is False
+
+
+def test_healthz_names_a_database_locked_for_long(running_tack):
+    _, port, _, db_path = running_tack
+    holder = sqlite3.connect(db_path, timeout=10, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        status, body = health(port)
+        assert status == 503 and body["failing"] == ["database"]
+        assert "not writable" in body["checks"]["database"]["error"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert health(port)[0] == 200
+
+
+def test_metrics_parse_and_move_with_a_run(running_tack):
+    _, port, knot, _ = running_tack
+    before = metric_samples(port)
+    assert before[("tack_knots_followed", ())] == 1
+    assert before[("tack_jetstream_events_applied_total", ())] >= 1  # the repo record
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "dummy", "steps: []")]))
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "unknown", [("x.yml", "dummy", "")]))
+    finished = ("tack_workflows_finished_total", (("status", "success"),))
+    wait_until(lambda: metric_samples(port).get(finished) == 1, what="a finished workflow")
+    after = metric_samples(port)
+    assert after[("tack_pipelines_accepted_total", ())] == 1
+    assert after[("tack_pipelines_rejected_total", (("reason", "not_served"),))] == 1
+    assert after[("tack_workflow_duration_seconds_count", (("backend", "dummy"),))] == 1
+    assert after[("tack_workflows_running", ())] == 0 and after[("tack_workflows_queued", ())] == 0
+    metrics_ok = ("tack_http_requests_total", (("route", "/metrics"), ("status", "200")))
+    assert after[metrics_ok] >= 2
+    assert after[("tack_events_subscribers", ())] == 0

@@ -44,6 +44,13 @@ class LogFollower:
         self._statuses = statuses
         self._logbook = logbook
         self._stop = stop
+        self._streams = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def streams(self) -> int:
+        """Log streams being served now (for /metrics)."""
+        return self._streams
 
     def follow(self, workflow_id: int, name: str) -> Follow:
         return Follow(workflow_id, name, self._logbook.path(workflow_id))
@@ -54,8 +61,14 @@ class LogFollower:
         """Send ``follows``' logs until all are final (close 1000 with
         ``end_reason``) or tack stops (1001). A peer that goes away raises
         ``ClientGone`` out of here."""
-        with self._logbook.watching(f.workflow_id for f in follows) as grew:
-            self._stream(ws, follows, encode, end_reason, grew)
+        with self._count_lock:
+            self._streams += 1
+        try:
+            with self._logbook.watching(f.workflow_id for f in follows) as grew:
+                self._stream(ws, follows, encode, end_reason, grew)
+        finally:
+            with self._count_lock:
+                self._streams -= 1
 
     def _stream(
         self,

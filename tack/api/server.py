@@ -242,6 +242,10 @@ class Broadcaster:
         self._statuses.nudge()
         return subscription
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
     def unsubscribe(self, subscription: _Subscription) -> None:
         with self._lock:
             self._subscriptions = [s for s in self._subscriptions if s is not subscription]
@@ -334,6 +338,11 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     content_length = 0
     _head_only = False
+    _route_label = "none"  # what /metrics counts this request under
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        super().send_response(code, message)
+        self.server.app.on_response(self._route_label, int(code))
 
     def setup(self) -> None:
         # How long a request's head (and a kept-alive connection between
@@ -367,6 +376,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self._framing_ok():
             return
         parts = urlsplit(self.path)
+        self._route_label = self.server.app.route_label(method, parts.path)
         if method == "GET" and self.content_length and not self._discard_body():
             return
         route = self.server.app.route_for(method, parts.path)
@@ -631,6 +641,19 @@ class App:
         }
         self.post_routes: dict[str, Route] = {}
         self.prefix_routes: dict[tuple[str, str], Route] = {("GET", "/logs/"): self.logs}
+        self.on_response: Callable[[str, int], None] = lambda route, status: None
+
+    def route_label(self, method: str, path: str) -> str:
+        """The route a request is counted under: its path when it is a
+        route's, the prefix for prefixed ones, "none" for anything else, so
+        the label's values stay few whatever clients ask for."""
+        exact = {"GET": self.get_routes, "HEAD": self.get_routes, "POST": self.post_routes}
+        if path in exact.get(method, {}):
+            return path
+        for _, prefix in self.prefix_routes:
+            if path.startswith(prefix):
+                return prefix
+        return "none"
 
     def route_for(self, method: str, path: str) -> Route | None:
         """The route serving ``method`` on ``path`` (HEAD is served as GET)."""

@@ -49,7 +49,9 @@ class KnotIntake:
         stop: threading.Event,
         read_mark: Callable[[str], int | None] = store.get_cursor,
         write_mark: Callable[[str, int], None] = store.save_cursor,
+        on_rejected: Callable[[str], None] = lambda reason: None,
     ) -> None:
+        self._on_rejected = on_rejected
         self._directory = directory
         self._acceptor = acceptor
         self._fetcher = fetcher
@@ -80,6 +82,7 @@ class KnotIntake:
                 self._collaborator_update(knot, frame, ids)
         except Rejected as exc:
             log.warning("knot event rejected", extra={**ids, "reason": str(exc)})
+            self._on_rejected(str(exc))
         except Exception as exc:
             if store.is_transient(exc):
                 raise  # the stream reconnects and the event is replayed: never skipped

@@ -192,6 +192,14 @@ class KnotConsumer:
         with self._lock:
             return set(self._streams)
 
+    def figures(self) -> tuple[int, int, int]:
+        """(streams followed, connected now, connections made) for /healthz
+        and /metrics."""
+        with self._lock:
+            followers = [stream.follower for stream in self._streams.values()]
+        connected = sum(follower.connected for follower in followers)
+        return len(followers), connected, sum(f.connections for f in followers)
+
     def add_knot(self, knot: str) -> None:
         try:
             vet_host(knot, self.dev)
