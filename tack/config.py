@@ -141,6 +141,29 @@ def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
 
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s|ms)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _go_duration(raw: str) -> float | None:
+    """A Go duration ("5m", "1h30m", "90s") in seconds, as the official
+    spindle reads its workflow timeout; unset is None."""
+    text = raw.strip()
+    if not text:
+        return None
+    parts = _GO_DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"must be a duration such as 5m or 1h30m (got {raw!r})")
+    seconds = sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+    if not 1 <= seconds <= 7 * 86400:
+        raise ValueError("must be from 1s to 168h")
+    return seconds
+
+
+def _optional_megabytes(raw: str) -> int | None:
+    return _bounded(int, 16, 16 * 1024 * 1024)(raw) if raw.strip() else None
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -277,7 +300,58 @@ SETTINGS: tuple[Setting, ...] = (
         "connections open at once from one client address (raise it for an appview "
         "that follows many logs from one address)",
     ),
+    Setting(
+        "SPINDLE_NIXERY_PIPELINES_NIXERY",
+        "nixery_registry",
+        _optional_text,
+        "",
+        "the official spindle's nixery registry: the registry of container backends that "
+        "set none (else nixery.dev)",
+    ),
+    Setting(
+        "SPINDLE_NIXERY_PIPELINES_WORKFLOW_TIMEOUT",
+        "nixery_timeout",
+        _go_duration,
+        "",
+        "the official spindle's workflow timeout (a duration such as 5m): the timeout of "
+        "container backends that set none (else 1h)",
+    ),
+    Setting(
+        "SPINDLE_NIXERY_PIPELINES_MAX_JOB_MEMORY_MB",
+        "nixery_memory_mb",
+        _optional_megabytes,
+        "",
+        "the official spindle's memory limit per workflow in MiB: the memory of container "
+        "backends that set none (else no limit)",
+    ),
 )
+
+# Settings of the official spindle tack does not implement: set, each is named
+# in one warning at start (their values may be secrets and are not logged).
+# Any other SPINDLE_* variable tack does not know is named the same way.
+UNIMPLEMENTED = (
+    "SPINDLE_SERVER_SECRETS_PROVIDER",
+    "SPINDLE_SERVER_SECRETS_OPENBAO_PROXY_ADDR",
+    "SPINDLE_SERVER_SECRETS_OPENBAO_MOUNT",
+    "SPINDLE_SERVER_MAX_CONCURRENT_WORKFLOWS",
+    "SPINDLE_S3_LOG_BUCKET",
+)
+
+
+def unimplemented_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The official spindle's variables that are set here and that tack
+    ignores, by name. ``SPINDLE_SERVER_SECRETS_PROVIDER=sqlite`` is what
+    tack does anyway."""
+    env = os.environ if environ is None else environ
+    known = {setting.env for setting in SETTINGS}
+    names = sorted(
+        name
+        for name in env
+        if (name in UNIMPLEMENTED or name.startswith("SPINDLE_")) and name not in known
+    )
+    if env.get("SPINDLE_SERVER_SECRETS_PROVIDER", "").strip() == "sqlite":
+        names.remove("SPINDLE_SERVER_SECRETS_PROVIDER")
+    return names
 
 
 @dataclass(frozen=True)
@@ -301,6 +375,9 @@ class Config:
     reconnect_max: float
     max_connections: int
     max_connections_per_client: int
+    nixery_registry: str | None
+    nixery_timeout: float | None
+    nixery_memory_mb: int | None
 
     @property
     def spindle_did(self) -> str:

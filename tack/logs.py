@@ -14,6 +14,7 @@ workflows. Records keep their fields; the writer formats them in order.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import queue
 import sys
@@ -21,7 +22,36 @@ from logging.handlers import QueueHandler, QueueListener
 
 from pythonjsonlogger.json import JsonFormatter
 
-_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(component)s %(message)s"
+# Attributes every LogRecord has: what is left are the ``extra=`` fields.
+_RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "component",
+}
+
+
+class _TextFormatter(logging.Formatter):
+    """For humans, and still filterable: the message, then each field as
+    ``key=value`` (JSON for anything but a plain word)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = [
+            f"{key}={_plain(value)}"
+            for key, value in vars(record).items()
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+        ]
+        if not fields:
+            return text
+        head, newline, rest = text.partition("\n")  # a traceback stays below
+        return f"{head} {' '.join(fields)}{newline}{rest}"
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, str) and value and all(c.isalnum() or c in "-_.:/@" for c in value):
+        return value
+    return json.dumps(value, default=str, ensure_ascii=False)
 
 
 class _ComponentFilter(logging.Filter):
@@ -59,7 +89,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
     records: queue.SimpleQueue = queue.SimpleQueue()
     _listener = QueueListener(records, handler)
     _listener.start()

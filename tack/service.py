@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from . import __version__, logs, store
 from . import backends as backend_registry
-from . import logs, store
 from .api.callbacks import PREFIX as CALLBACK_PREFIX
 from .api.callbacks import CallbackHub
 from .api.ci import CiApi
@@ -29,7 +29,7 @@ from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth
 from .backends import Backends, Context
-from .config import Config
+from .config import Config, unimplemented_settings
 from .intake.accept import Acceptor
 from .intake.fetch import WorkflowFetcher
 from .intake.knot_frames import KnotIntake
@@ -237,15 +237,27 @@ class Spindle:
             self.knots.add_knot(knot)
         self.pulls.start()
         self.ingester.start()
-        log.info(
-            "tack started",
-            extra={
-                "hostname": self.config.hostname,
-                "owner": self.config.owner,
-                "port": self.server.port,
-                "cursor": self.ingester.applier.cursor,
+        log.info("tack started", extra=self._summary())
+
+    def _summary(self) -> dict:
+        """What an operator checks first: one line at start with all of it."""
+        config = self.config
+        return {
+            "version": __version__,
+            "hostname": config.hostname,
+            "owner": config.owner,
+            "listen": f"{config.listen[0]}:{config.listen[1]}",
+            "port": self.server.port,
+            "database": str(Path(config.db_path).resolve()),
+            "log_dir": str(Path(config.log_dir).resolve()),
+            "dev": config.dev,
+            "backends": {
+                name: backend.type_name or "unavailable"
+                for name, backend in self.backends.instances.items()
             },
-        )
+            "aliases": self.backends.aliases,
+            "cursor": self.ingester.applier.cursor,
+        }
 
     def stop(self) -> None:
         """Stop everything, once: a second call (a test's teardown after the
@@ -288,6 +300,12 @@ def run(config: Config, backends: Backends, context: Context) -> int:
         log.info("signal received", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
+    ignored = unimplemented_settings()
+    if ignored:
+        log.warning(
+            "settings of the official spindle that tack does not implement are ignored",
+            extra={"settings": ignored},
+        )
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_stop)

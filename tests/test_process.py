@@ -55,6 +55,11 @@ def test_help_explains_every_setting():
         ({"SPINDLE_SERVER_QUEUE_SIZE": "lots"}, "SPINDLE_SERVER_QUEUE_SIZE", "whole number"),
         ({"SPINDLE_SERVER_DEV": "maybe"}, "SPINDLE_SERVER_DEV", "true or false"),
         (
+            {"SPINDLE_NIXERY_PIPELINES_WORKFLOW_TIMEOUT": "five minutes"},
+            "SPINDLE_NIXERY_PIPELINES_WORKFLOW_TIMEOUT",
+            "such as 5m",
+        ),
+        (
             {"SPINDLE_SERVER_JETSTREAM_ENDPOINT": "http://x"},
             "SPINDLE_SERVER_JETSTREAM_ENDPOINT",
             "ws://",
@@ -173,3 +178,67 @@ def test_no_cursor_means_live_tail_and_the_cursor_survives_restart(tmp_path: Pat
     wait_until(lambda: len(jetstream.subscriptions) == 2, timeout=30)
     assert jetstream.subscriptions[1].cursor == event["time_us"] - 5_000_000
     assert proc.terminate() == 0
+
+
+# --- what an operator sees at start ------------------------------------------------------
+
+
+def test_one_start_up_line_says_what_runs_where(tmp_path, jetstream):
+    proc = TackProcess(
+        tack_env(tmp_path, jetstream.url, SPINDLE_SERVER_SECRETS_PROVIDER="openbao"),
+        tmp_path / "tack.log",
+    )
+    try:
+        started = proc.wait_for_log("tack started")
+        ignored = proc.wait_for_log(
+            "settings of the official spindle that tack does not implement are ignored"
+        )
+    finally:
+        assert proc.terminate() == 0
+    from tack import __version__
+
+    assert started["version"] == __version__
+    assert started["database"] == str((tmp_path / "spindle.db").resolve())
+    assert Path(started["log_dir"]).is_absolute() and started["dev"] is True
+    assert started["backends"] == {"dummy": "dummy", "shell": "shell"}
+    assert started["listen"].startswith("127.0.0.1:") and started["owner"] == OWNER
+    assert ignored["settings"] == ["SPINDLE_SERVER_SECRETS_PROVIDER"]
+    assert "openbao" not in proc.log_path.read_text()  # named, never its value
+
+
+def test_text_logs_keep_the_fields(tmp_path, jetstream):
+    log_path = tmp_path / "tack.log"
+    proc = TackProcess(tack_env(tmp_path, jetstream.url, TACK_LOG_FORMAT="text"), log_path)
+    try:
+        wait_until(lambda: " tack started " in log_path.read_text(), what="start-up line")
+    finally:
+        assert proc.terminate() == 0
+    line = next(ln for ln in log_path.read_text().splitlines() if " tack started " in ln)
+    assert " INFO service tack started " in line
+    assert f"owner={OWNER}" in line and "dev=true" in line
+    assert '"shell": "shell"' in line
+
+
+def test_the_official_nixery_settings_become_container_defaults(monkeypatch, tmp_path):
+    from tack import config
+    from tack.backends import Context, default_backends
+
+    fake = tmp_path / "podman"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    settings = config.load(
+        {
+            "SPINDLE_SERVER_HOSTNAME": "ci.example.com",
+            "SPINDLE_SERVER_OWNER": OWNER,
+            "SPINDLE_NIXERY_PIPELINES_NIXERY": "nixery.tangled.sh",
+            "SPINDLE_NIXERY_PIPELINES_WORKFLOW_TIMEOUT": "1h30m",
+            "SPINDLE_NIXERY_PIPELINES_MAX_JOB_MEMORY_MB": "6144",
+        }
+    )
+    nixery = default_backends(Context.for_config(settings)).resolve("nixery")
+    assert nixery.registry == "nixery.tangled.sh"
+    assert nixery.timeout == 5400 and nixery.memory == "6144m"
+    assert config.unimplemented_settings(
+        {"SPINDLE_SERVER_SECRETS_PROVIDER": "sqlite", "SPINDLE_S3_LOG_BUCKET": "b"}
+    ) == ["SPINDLE_S3_LOG_BUCKET"]

@@ -48,6 +48,9 @@ class Context:
     callbacks: CallbackHub | None = None
     # tack's own state (database, key file, logs): what a sandbox hides.
     private_paths: tuple[str, ...] = ()
+    # Defaults of container backends from the official spindle's settings
+    # (registry, timeout, memory), for a drop-in switch.
+    container_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def public_url(self) -> str:
@@ -61,7 +64,19 @@ class Context:
             os.path.abspath(config.log_dir),
             os.path.dirname(os.path.abspath(config.key_file)),
         }
-        return cls(config.hostname, config.dev, private_paths=tuple(sorted(state)))
+        defaults: dict[str, Any] = {}
+        if config.nixery_registry:
+            defaults["registry"] = config.nixery_registry
+        if config.nixery_timeout:
+            defaults["timeout"] = config.nixery_timeout
+        if config.nixery_memory_mb:
+            defaults["memory"] = f"{config.nixery_memory_mb}m"
+        return cls(
+            config.hostname,
+            config.dev,
+            private_paths=tuple(sorted(state)),
+            container_defaults=defaults,
+        )
 
 
 @dataclass

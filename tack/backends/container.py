@@ -207,7 +207,8 @@ class ContainerBackend(Backend):
             raise options.fail("runtime", "neither podman nor docker is on PATH; install podman")
         if shutil.which(self.runtime) is None:
             raise options.fail("runtime", f"{self.runtime!r} is not on PATH")
-        registry = options.text("registry", "nixery.dev")
+        official = context.container_defaults
+        registry = options.text("registry", official.get("registry", "nixery.dev"))
         self.insecure_registry = registry.startswith("http://")
         self.registry = registry.removeprefix("http://").removeprefix("https://").rstrip("/")
         if not _REGISTRY_NAME.match(self.registry):
@@ -215,7 +216,7 @@ class ContainerBackend(Backend):
         self.image = options.text("image", None)
         if self.image is not None and not _IMAGE.match(self.image):
             raise options.fail("image", "must be an image reference")
-        self.memory = options.text("memory", None)
+        self.memory = options.text("memory", official.get("memory"))
         if self.memory is not None and not _SIZE.match(self.memory.lower()):
             raise options.fail("memory", "must be a size such as 512m or 2g")
         self.cpus = options.number("cpus", 0, 0, 1024)
@@ -224,7 +225,7 @@ class ContainerBackend(Backend):
         if self.network not in ("bridge", "none"):
             raise options.fail("network", "must be bridge or none")
         self.run_args = options.argv("run_args")
-        self.timeout = options.number("timeout", 3600, 1, 7 * 86400)
+        self.timeout = options.number("timeout", official.get("timeout", 3600), 1, 7 * 86400)
         self.kill_grace = options.number("kill_grace", 5, 0, 300)
         default_root = str(Path(tempfile.gettempdir()) / "tack-workspaces")
         self.workspace_root = Path(options.text("workspace_root", default_root))
