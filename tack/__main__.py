@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, backends, config, logs, service
+from . import __version__, admin, backends, config, logs, service
 from .startup import StartupError
 
 
@@ -24,10 +24,34 @@ def _parser() -> argparse.ArgumentParser:
     )
 
 
+def _commands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(
+        dest="command", metavar="command", help="without one, tack runs as the spindle"
+    )
+    prune = commands.add_parser(
+        "prune",
+        help="delete the logs and status events of workflows finished more than "
+        "TACK_RETENTION_DAYS ago (the service does it daily)",
+    )
+    prune.add_argument("--days", type=float, help="instead of TACK_RETENTION_DAYS")
+    prune.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        return admin.prune(args.days, args.json)
+    except (config.ConfigError, StartupError) as exc:
+        print(f"tack: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     parser.add_argument("--version", action="version", version=f"tack {__version__}")
-    parser.parse_args(argv)
+    _commands(parser)
+    args = parser.parse_args(argv)
+    if args.command is not None:
+        return _run_command(args)
     try:
         settings = config.load()
         context = backends.Context.for_config(settings)

@@ -301,6 +301,22 @@ SETTINGS: tuple[Setting, ...] = (
         "that follows many logs from one address)",
     ),
     Setting(
+        "TACK_RETENTION_DAYS",
+        "retention_days",
+        _bounded(float, 0, 100_000),
+        "30",
+        "days a finished workflow keeps its log and status events (0: forever); "
+        "pipelines and workflows stay",
+    ),
+    Setting(
+        "TACK_MAX_LOG_BYTES",
+        "max_log_bytes",
+        _bounded(int, 64 * 1024, 1 << 40),
+        str(10 * 1024 * 1024),
+        "bytes a workflow's log may grow to; the output after it is counted in one "
+        "last line, not kept",
+    ),
+    Setting(
         "SPINDLE_NIXERY_PIPELINES_NIXERY",
         "nixery_registry",
         _optional_text,
@@ -375,6 +391,8 @@ class Config:
     reconnect_max: float
     max_connections: int
     max_connections_per_client: int
+    retention_days: float
+    max_log_bytes: int
     nixery_registry: str | None
     nixery_timeout: float | None
     nixery_memory_mb: int | None
@@ -410,6 +428,18 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             "TACK_RECONNECT_MAX_SECONDS", "must not be below TACK_RECONNECT_MIN_SECONDS"
         )
     return config
+
+
+def read_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting, parsed (its default when unset): for the admin commands,
+    which need the database and log paths but not the rest."""
+    env = os.environ if environ is None else environ
+    setting = next(s for s in SETTINGS if s.env == name)
+    raw = env.get(name) or setting.default or ""
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
 
 
 def describe_settings() -> str:

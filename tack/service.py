@@ -38,6 +38,7 @@ from .intake.pulls import PullRequests
 from .jetstream import Ingester
 from .metrics import Metrics
 from .metrics import State as MetricsState
+from .retention import Pruner
 from .scheduler import Scheduler
 from .secrets import SecretStore, load_keys, rotation_requested
 from .startup import DatabaseLock, bind_listener, check_log_dir, open_store
@@ -84,7 +85,8 @@ class Spindle:
     def _build(self, config: Config, knots: KnotSubscriptions | None, backends: Backends) -> None:
         self.metrics = Metrics()
         self.directory = store.Directory(config.hostname, config.owner)
-        self.logbook = LogBook(config.log_dir)
+        self.logbook = LogBook(config.log_dir, config.max_log_bytes)
+        self.pruner = Pruner(self.logbook, config.retention_days, self.stop_event)
         self.statuses = StatusLog(self.db, encode=encode_text_frame, on_final=self.logbook.notify)
         self.backends = backends
         self.callbacks = CallbackHub(self.statuses, self.stop_event, self._secrets_of_workflow)
@@ -237,6 +239,7 @@ class Spindle:
             self.knots.add_knot(knot)
         self.pulls.start()
         self.ingester.start()
+        self.pruner.start()
         log.info("tack started", extra=self._summary())
 
     def _summary(self) -> dict:
@@ -273,6 +276,7 @@ class Spindle:
             self.knots.stop(timeout=_left(deadline))
         self.scheduler.stop(timeout=_left(deadline))
         self.pulls.join(timeout=_left(deadline))
+        self.pruner.join(timeout=_left(deadline))
         self.ingester.stop(timeout=_left(deadline))
         self.server.stop()
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})

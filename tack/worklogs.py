@@ -31,8 +31,14 @@ MAX_CONTENT = 64 * 1024
 MASK = "***"
 
 
+# A workflow's log stops growing here (TACK_MAX_LOG_BYTES); step boundaries
+# are still written, and one line at the end says how much was cut.
+DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
+
+
 class LogBook:
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, max_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
+        self.max_bytes = max_bytes
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
@@ -151,6 +157,8 @@ class WorkflowLog:
         self._secrets = secret_variants(secrets)
         self.lines = 0
         self.failure: str | None = None  # why lines are no longer written, if they are not
+        self._cut_lines = self._cut_bytes = 0  # output not kept past the size cap
+        self._last_step = 0
         try:
             # Binary, so ``tell`` is the exact byte size a checkpoint records.
             self._file = open(path, mode + "b")  # noqa: SIM115 - closed in close()
@@ -171,6 +179,7 @@ class WorkflowLog:
         self._write(self._control(step_id, name, "end", kind))
 
     def data(self, step_id: int, content: str, stream: str = "stdout") -> None:
+        self._last_step = step_id
         self._write(
             {
                 "kind": "data",
@@ -178,7 +187,8 @@ class WorkflowLog:
                 "time": _now(),
                 "step_id": step_id,
                 "stream": stream,
-            }
+            },
+            capped=True,
         )
 
     def error(self, message: str, step_name: str = "error") -> None:
@@ -199,6 +209,17 @@ class WorkflowLog:
         return state
 
     def close(self) -> None:
+        if self._cut_lines:
+            self._write(
+                {
+                    "kind": "data",
+                    "content": f"tack: this log reached its cap of {self._book.max_bytes:,} bytes;"
+                    f" {self._cut_lines:,} more lines ({self._cut_bytes:,} bytes) were not kept",
+                    "time": _now(),
+                    "step_id": self._last_step,
+                    "stream": "stderr",
+                }
+            )
         with self._lock:
             if self._file and not self._file.closed:
                 with contextlib.suppress(OSError):  # a full disk: what is lost is lost
@@ -217,11 +238,17 @@ class WorkflowLog:
     def _clip(self, text: str) -> str:
         return self.mask(text[:MAX_CONTENT])
 
-    def _write(self, line: dict) -> None:
+    def _write(self, line: dict, capped: bool = False) -> None:
+        """Append one line. Output (``capped``) past the size cap is counted,
+        not written: step boundaries still are, so every step still ends."""
         text = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         with self._lock:
             if self._file is None or self._file.closed or self.failure:
                 return  # ended (late output is dropped), or the log cannot be written
+            if capped and (self._cut_lines or self._file.tell() + len(text) > self._book.max_bytes):
+                self._cut_lines += 1
+                self._cut_bytes += len(text)
+                return
             try:
                 self._file.write(text)
                 self._file.flush()

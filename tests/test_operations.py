@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -151,3 +152,51 @@ def test_metrics_parse_and_move_with_a_run(running_tack):
     metrics_ok = ("tack_http_requests_total", (("route", "/metrics"), ("status", "200")))
     assert after[metrics_ok] >= 2
     assert after[("tack_events_subscribers", ())] == 0
+
+
+# --- retention and the log cap ---------------------------------------------------------
+
+
+def test_a_log_stops_at_its_cap_with_one_line_saying_what_was_cut(tmp_path):
+    from tack.worklogs import LogBook
+
+    book = LogBook(tmp_path / "logs", max_bytes=64 * 1024)
+    log = book.open(7)
+    log.start_step(0, "noisy", 1)
+    for index in range(5000):
+        log.data(0, f"line {index} " + "x" * 40)
+    log.end_step(0, "noisy", 1)
+    log.close()
+    lines = [json.loads(line) for line in book.path(7).read_text().splitlines()]
+    assert book.path(7).stat().st_size < 64 * 1024 + 1024
+    assert lines[-2]["kind"] == "control" and lines[-2]["step_status"] == "end"
+    marker = lines[-1]["content"]
+    kept = sum(1 for line in lines if line["content"].startswith("line "))
+    assert f"{5000 - kept:,} more lines" in marker and "cap of 65,536 bytes" in marker
+
+
+def test_tack_prune_deletes_old_logs_and_events_and_keeps_the_rows(running_tack, tmp_path):
+    _, port, knot, db_path = running_tack
+    for index in range(2):
+        knot.send_pipeline(
+            push_pipeline(knot.name, OWNER, "hello", [(f"w{index}.yml", "dummy", "")])
+        )
+    finished = ("tack_workflows_finished_total", (("status", "success"),))
+    wait_until(lambda: metric_samples(port).get(finished) == 2, what="two finished workflows")
+    logs_dir = tmp_path / "logs"
+    assert len(list(logs_dir.glob("*.jsonl"))) == 2
+    env = tack_env(tmp_path, "ws://127.0.0.1:9/subscribe")
+    prune = [sys.executable, "-m", "tack", "prune", "--days", "0.00002", "--json"]
+    time.sleep(2.0)  # 0.00002 days is 1.7 s
+    done = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["workflows"] == 2 and result["log_files"] == 2
+    assert result["status_events"] >= 6  # pending, running, success of each
+    assert list(logs_dir.glob("*.jsonl")) == []
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM workflow").fetchone()[0] == 2
+        assert db.execute("SELECT count(*) FROM pipeline").fetchone()[0] == 2
+        assert db.execute("SELECT count(*) FROM status_event").fetchone()[0] == 0
+    again = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(again.stdout)["workflows"] == 0
