@@ -7,6 +7,7 @@ import sys
 
 from . import __version__, admin, backends, config, logs, service
 from .startup import StartupError
+from .statuses import FINAL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,21 +26,55 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _commands(parser: argparse.ArgumentParser) -> None:
+    """The admin commands (``tack.admin``): each reads the database and log
+    paths from the same environment as the service and runs beside it."""
     commands = parser.add_subparsers(
         dest="command", metavar="command", help="without one, tack runs as the spindle"
     )
-    prune = commands.add_parser(
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--json", action="store_true", help="JSON, for scripts")
+        return sub
+
+    listing = command("workflows", "list workflows, newest first (at most 200)")
+    listing.add_argument("--status", choices=sorted(FINAL | {"pending", "running"}))
+    listing.add_argument("--repo", help="a repo's name, DID or owner DID")
+    listing.add_argument("--days", type=float, help="created in the last N days")
+    show = command("show", "one workflow: its statuses, backend state and log tail")
+    show.add_argument("id", type=int)
+    show.add_argument("--lines", type=int, default=20)
+    cancel = command("cancel", "have the running tack cancel a workflow, and wait for it")
+    cancel.add_argument("id", type=int)
+    cancel.add_argument("--wait", type=float, default=15.0, help="seconds (default 15)")
+    command("repos", "the repos this spindle serves records of")
+    command("members", "member records naming this spindle")
+    command("collaborators", "collaborators, by record and from knots")
+    command("knots", "knots of served repos, and whether tack follows them")
+    backup = command("backup", "copy the database safely while tack runs")
+    backup.add_argument("path")
+    prune = command(
         "prune",
-        help="delete the logs and status events of workflows finished more than "
+        "delete the logs and status events of workflows finished more than "
         "TACK_RETENTION_DAYS ago (the service does it daily)",
     )
     prune.add_argument("--days", type=float, help="instead of TACK_RETENTION_DAYS")
-    prune.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    handlers = {
+        "workflows": lambda: admin.workflows(args.status, args.repo, args.days, args.json),
+        "show": lambda: admin.show(args.id, args.lines, args.json),
+        "cancel": lambda: admin.cancel(args.id, args.wait, args.json),
+        "repos": lambda: admin.repos(args.json),
+        "members": lambda: admin.members(args.json),
+        "collaborators": lambda: admin.collaborators(args.json),
+        "knots": lambda: admin.knots(args.json),
+        "backup": lambda: admin.backup(args.path, args.json),
+        "prune": lambda: admin.prune(args.days, args.json),
+    }
     try:
-        return admin.prune(args.days, args.json)
+        return handlers[args.command]()
     except (config.ConfigError, StartupError) as exc:
         print(f"tack: {exc}", file=sys.stderr)
         return 2

@@ -26,12 +26,14 @@ from . import logs, pipelines, retry
 from .backends import Backend, Backends, Job, Outcome, process
 from .statuses import FINAL, RUNNING, StatusLog
 from .store import (
+    CancelRequest,
     Pipeline,
     Workflow,
     is_transient,
     merge_backend_state,
     next_pending_workflow,
     pipeline_by_key,
+    release_connection,
 )
 from .workflow import WorkflowError, parse
 from .worklogs import LOG_CHECKPOINT, LogBook
@@ -39,6 +41,7 @@ from .worklogs import LOG_CHECKPOINT, LogBook
 log = logs.get("scheduler")
 
 RESTART_ERROR = "tack restarted while this workflow ran"
+CANCEL_POLL_SECONDS = 1.0
 SecretsFor = Callable[[Pipeline], dict[str, str]]
 
 
@@ -77,6 +80,9 @@ class Scheduler:
 
     def start(self) -> None:
         self._recover()
+        threading.Thread(
+            target=self._carry_out_cancel_requests, name="cancel-requests", daemon=True
+        ).start()
         for index in range(self._workers):
             thread = threading.Thread(target=self._worker, name=f"worker-{index}", daemon=True)
             thread.start()
@@ -157,6 +163,23 @@ class Scheduler:
             return "cancelled"
 
         return self._with_retry(attempt)
+
+    def _carry_out_cancel_requests(self) -> None:
+        """Cancels other processes asked for (``tack cancel``), once a second."""
+        while not self._stop.wait(CANCEL_POLL_SECONDS):
+            try:
+                for request in list(CancelRequest.select()):
+                    result = self.cancel(request.workflow_id)
+                    CancelRequest.delete_by_id(request.workflow_id)
+                    log.info(
+                        "cancel requested by tack cancel",
+                        extra={"workflow_id": request.workflow_id, "result": result},
+                    )
+            except Exception:
+                if not self._stop.is_set():
+                    log.exception("cancel requests not read; trying again")
+            finally:
+                release_connection()
 
     def figures(self) -> tuple[int, int]:
         """(workflows running in this process, workers) for /healthz and /metrics."""

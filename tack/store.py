@@ -229,6 +229,13 @@ class PullTrigger(BaseModel):
     created_at = BigIntegerField()
 
 
+class CancelRequest(BaseModel):
+    """A cancel ``tack cancel`` asked for; the running tack carries it out."""
+
+    workflow_id = IntegerField(primary_key=True)
+    requested_at = BigIntegerField()
+
+
 class Secret(BaseModel):
     """A repo's CI secret; ``value`` is sealed (see secrets.py), never plain."""
 
@@ -336,7 +343,20 @@ _V4 = (
     "CREATE INDEX collaborator_repo_did ON collaborator (repo_did)",
 )
 
-MIGRATIONS: list[tuple[int, Iterable[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
+# V5: cancels asked for by ``tack cancel`` (another process), for the
+# running tack to carry out: statuses are written by one process only.
+_V5 = (
+    """CREATE TABLE cancel_request (
+        workflow_id INTEGER PRIMARY KEY, requested_at BIGINT NOT NULL)""",
+)
+
+MIGRATIONS: list[tuple[int, Iterable[str]]] = [
+    (1, _V1),
+    (2, _V2),
+    (3, _V3),
+    (4, _V4),
+    (5, _V5),
+]
 
 
 def migrate(db: peewee.Database) -> int:

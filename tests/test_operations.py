@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -200,3 +201,102 @@ def test_tack_prune_deletes_old_logs_and_events_and_keeps_the_rows(running_tack,
         assert db.execute("SELECT count(*) FROM status_event").fetchone()[0] == 0
     again = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(again.stdout)["workflows"] == 0
+
+
+# --- the admin commands beside a running tack ------------------------------------------
+
+
+def tack_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = tack_env(tmp_path, "ws://127.0.0.1:9/subscribe")
+    return subprocess.run(
+        [sys.executable, "-m", "tack", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def tack_json(tmp_path: Path, *args: str):
+    done = tack_command(tmp_path, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+SLOW = "steps:\n  - name: Wait\n    command: sleep\ndummy:\n  delay: 30\n"
+
+
+def test_admin_commands_list_show_and_cancel_a_running_workflow(running_tack, tmp_path):
+    _, _, knot, _ = running_tack
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("quick.yml", "dummy", "")]))
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("slow.yml", "dummy", SLOW)]))
+    wait_until(
+        lambda: (
+            {w["workflow"]: w["status"] for w in tack_json(tmp_path, "workflows")}
+            == {"quick.yml": "success", "slow.yml": "running"}
+        ),
+        timeout=20,
+        what="one finished, one running",
+    )
+    listed = tack_json(tmp_path, "workflows", "--status", "running")
+    assert [w["workflow"] for w in listed] == ["slow.yml"]
+    assert listed[0]["repo"] == f"{OWNER}/hello" and listed[0]["engine"] == "dummy"
+    slow = listed[0]["id"]
+    readable = tack_command(tmp_path, "workflows")
+    assert readable.stdout.splitlines()[0].split()[:3] == ["ID", "STATUS", "REPO"]
+    shown = tack_json(tmp_path, "show", str(slow))
+    assert shown["statuses"][0]["status"] == "pending" and shown["status"] == "running"
+    assert "dummy: would run: sleep" in shown["log_tail"]
+
+    started = time.monotonic()
+    cancelled = tack_command(tmp_path, "cancel", str(slow))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"workflow {slow}: cancelled"
+    assert time.monotonic() - started < 10
+    assert tack_json(tmp_path, "show", str(slow))["status"] == "cancelled"
+    assert tack_json(tmp_path, "cancel", str(slow))["result"] == "already final"
+    assert tack_command(tmp_path, "show", "99999").returncode == 1
+
+
+def test_admin_commands_list_repos_members_collaborators_and_knots(running_tack, tmp_path):
+    _, _, knot, _ = running_tack
+    assert tack_json(tmp_path, "repos") == [
+        {"owner": OWNER, "name": "hello", "repo_did": "", "knot": knot.name}
+    ]
+    assert tack_json(tmp_path, "members") == []
+    assert tack_json(tmp_path, "collaborators") == []
+    (row,) = tack_json(tmp_path, "knots")
+    assert row["knot"] == knot.name and row["repos"] == 1 and row["followed"] == "yes"
+
+
+def test_backup_of_a_live_database_under_write_load_opens_with_every_table(running_tack, tmp_path):
+    _, _, knot, db_path = running_tack
+    stop = threading.Event()
+
+    def load() -> None:
+        index = 0
+        while not stop.is_set():
+            record = push_pipeline(knot.name, OWNER, "hello", [(f"l{index}.yml", "dummy", "")])
+            knot.send_pipeline(record)
+            index += 1
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=load, daemon=True)
+    writer.start()
+    try:
+        time.sleep(1.0)
+        target = tmp_path / "backup.db"
+        result = tack_json(tmp_path, "backup", str(target))
+    finally:
+        stop.set()
+        writer.join()
+    assert result["bytes"] == target.stat().st_size > 0
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        tables = {
+            name for (name,) in copy.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        with sqlite3.connect(db_path) as live:
+            expected = {
+                name
+                for (name,) in live.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        assert tables == expected and {"pipeline", "workflow", "status_event", "repo"} <= tables
+        assert copy.execute("SELECT count(*) FROM pipeline").fetchone()[0] > 10
+    assert tack_command(tmp_path, "backup", str(target)).returncode == 2  # never overwrites
