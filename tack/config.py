@@ -301,6 +301,14 @@ SETTINGS: tuple[Setting, ...] = (
         "that follows many logs from one address)",
     ),
     Setting(
+        "TACK_JETSTREAM_RETENTION_HOURS",
+        "jetstream_retention_hours",
+        _bounded(float, 1, 100_000),
+        "24",
+        "how far back jetstream replays; with no cursor or an older one, tack first "
+        "reads the records from the PDSes (backfill)",
+    ),
+    Setting(
         "TACK_RETENTION_DAYS",
         "retention_days",
         _bounded(float, 0, 100_000),
@@ -391,6 +399,7 @@ class Config:
     reconnect_max: float
     max_connections: int
     max_connections_per_client: int
+    jetstream_retention_hours: float
     retention_days: float
     max_log_bytes: int
     nixery_registry: str | None

@@ -22,6 +22,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import peewee
 
 from . import logs, records, retry, store
+from .intake import backfill
+from .intake.backfill import Backfill
 from .intake.knots import KnotSubscriptions
 from .records import BadRecord, Change
 from .retry import ShutdownDuringRetry
@@ -298,8 +300,12 @@ class Ingester:
         backoff: Backoff,
         known_knots: set[str],
         on_pull_events: Callable[[], None] = lambda: None,
+        backfill: Backfill | None = None,
+        retention_hours: float = 24.0,
     ) -> None:
         self.stop_event = threading.Event()
+        self._backfill = backfill
+        self._retention_hours = retention_hours
         self.frames: queue.Queue[Decoded] = queue.Queue(maxsize=queue_size)
         self.decoder = FrameDecoder(directory.hostname)
         self.applier = Applier(
@@ -313,13 +319,45 @@ class Ingester:
             backoff=backoff,
         )
         self._threads = [
-            threading.Thread(target=self.reader.run, name="jetstream-reader", daemon=True),
+            threading.Thread(target=self._read, name="jetstream-reader", daemon=True),
             threading.Thread(target=self.applier.run, name="jetstream-applier", daemon=True),
         ]
 
+    def _read(self) -> None:
+        """The reader thread: a backfill first when jetstream cannot replay
+        what tack missed (intake/backfill.py), then jetstream itself. The
+        backfill's changes go through the same queue, ahead of any frame."""
+        reason = backfill.needed(self.applier.cursor, self._retention_hours)
+        if self._backfill is not None and reason is not None:
+            try:
+                self._run_backfill(reason)
+            except Exception:
+                log.exception("backfill failed; records arrive as they are written")
+        self.reader.run()
+
+    def _run_backfill(self, reason: str) -> None:
+        log.info("backfill started", extra={"reason": reason})
+        learned = backfill.Learned()
+        for change in self._backfill.changes(learned):
+            if self.stop_event.is_set():
+                return
+            self._put((change, None))  # no time: the cursor stays where it is
+        log.info(
+            "backfill done",
+            extra={
+                "members": learned.members,
+                "repos": learned.repos,
+                "collaborators": learned.collaborators,
+                "deleted": learned.deleted,
+                "skipped": learned.skipped[:20],
+            },
+        )
+
     def _enqueue(self, frame: str | bytes) -> None:
+        self._put(self.decoder.decode(frame))
+
+    def _put(self, decoded: Decoded) -> None:
         """Block while the queue is full: that is the back-pressure on the socket."""
-        decoded = self.decoder.decode(frame)
         while not self.stop_event.is_set():
             try:
                 self.frames.put(decoded, timeout=0.2)

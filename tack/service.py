@@ -31,6 +31,7 @@ from .auth import ServiceAuth
 from .backends import Backends, Context
 from .config import Config, unimplemented_settings
 from .intake.accept import Acceptor
+from .intake.backfill import Backfill
 from .intake.fetch import WorkflowFetcher
 from .intake.knot_frames import KnotIntake
 from .intake.knots import KnotConsumer, KnotSubscriptions
@@ -154,6 +155,8 @@ class Spindle:
             backoff=backoff,
             known_knots=self.wanted_knots,
             on_pull_events=self.pulls.wake,
+            backfill=Backfill(self.directory, self.auth.pds_endpoint, config.dev, self.stop_event),
+            retention_hours=config.jetstream_retention_hours,
         )
         follower = LogFollower(self.statuses, self.logbook, self.stop_event)
         app = App(config.hostname, config.owner, self.statuses, follower, self.stop_event)

@@ -707,6 +707,12 @@ def _write_records(changes: list[records.Change], may_grant: Callable[[str], boo
             _upsert_records(collection, upserts)
 
 
+def stored_rkeys(collection: str, did: str) -> set[str]:
+    """The rkeys of ``did``'s records of ``collection`` tack holds."""
+    model = RECORD_MODELS[collection]
+    return {row.rkey for row in model.select(model.rkey).where(model.did == did)}
+
+
 def apply_pull_event(change: records.Change) -> None:
     """Keep a pull request into a served repo, and queue its trigger.
 

@@ -95,6 +95,9 @@ class DocumentHost:
                 if parts.path == "/xrpc/com.atproto.sync.getBlob":
                     self._blob(parse_qs(parts.query))
                     return
+                if parts.path == "/xrpc/com.atproto.repo.listRecords":
+                    self._list(parse_qs(parts.query))
+                    return
                 if self.path == "/.well-known/did.json" and host.web_redirect:
                     self.send_response(302)
                     self.send_header("Location", host.web_redirect)
@@ -126,9 +129,42 @@ class DocumentHost:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _list(self, query: dict) -> None:
+                """As com.atproto.repo.listRecords: ``records`` of {uri, cid,
+                value} and a ``cursor`` while more remain
+                (https://docs.bsky.app/docs/api/com-atproto-repo-list-records)."""
+                did = query.get("repo", [""])[0]
+                collection = query.get("collection", [""])[0]
+                limit = int(query.get("limit", ["50"])[0])
+                start = int(query.get("cursor", ["0"])[0])
+                host.list_requests.append((did, collection, start))
+                listed = host.records.get((did, collection), [])
+                page = listed[start : start + limit]
+                answer: dict = {
+                    "records": [
+                        {
+                            "uri": f"at://{did}/{collection}/{rkey}",
+                            "cid": "bafy" + rkey,
+                            "value": value,
+                        }
+                        for rkey, value in page
+                    ]
+                }
+                if start + limit < len(listed):
+                    answer["cursor"] = str(start + limit)
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: object) -> None:
                 pass
 
+        # (did, collection) -> [(rkey, record)]: what each author's PDS lists.
+        self.records: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+        self.list_requests: list[tuple[str, str, int]] = []
         self.blobs: dict[tuple[str, str], bytes] = {}
         self.blob_requests: list[tuple[str, str]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

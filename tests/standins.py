@@ -259,6 +259,9 @@ def tack_env(tmp: Path, jetstream_url: str, **overrides: str) -> dict[str, str]:
         "SPINDLE_SERVER_LISTEN_ADDR": "127.0.0.1:0",
         "SPINDLE_SERVER_LOG_DIR": str(tmp / "logs"),
         "SPINDLE_SERVER_DEV": "true",
+        # No test reaches the internet: identities resolve only where a test
+        # serves them (a backfill at start finds nothing here, at once).
+        "SPINDLE_SERVER_PLC_URL": "http://127.0.0.1:9",
         "TACK_RECONNECT_MIN_SECONDS": "0.05",
         "TACK_RECONNECT_MAX_SECONDS": "0.5",
         "TACK_CONFIG": str(toml),
