@@ -306,6 +306,7 @@ class Ingester:
         self.stop_event = threading.Event()
         self._backfill = backfill
         self._retention_hours = retention_hours
+        self.backfilled = threading.Event()  # the backfill ran, or was not needed
         self.frames: queue.Queue[Decoded] = queue.Queue(maxsize=queue_size)
         self.decoder = FrameDecoder(directory.hostname)
         self.applier = Applier(
@@ -333,6 +334,7 @@ class Ingester:
                 self._run_backfill(reason)
             except Exception:
                 log.exception("backfill failed; records arrive as they are written")
+        self.backfilled.set()
         self.reader.run()
 
     def _run_backfill(self, reason: str) -> None:

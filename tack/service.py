@@ -46,6 +46,7 @@ from .startup import DatabaseLock, bind_listener, check_log_dir, open_store
 from .statuses import StatusLog
 from .store import Pipeline, Workflow
 from .stream import Backoff
+from .switchover import import_official_secrets
 from .worklogs import LogBook
 
 log = logs.get("service")
@@ -97,6 +98,7 @@ class Spindle:
         if rotation_requested(config.secrets_key):
             rotated = self.secrets.rotate()
             log.info("secrets re-sealed with the first key", extra={"count": rotated})
+        import_official_secrets(self.secrets, self.directory)
         self.scheduler = Scheduler(
             self.db,
             self.statuses,

@@ -300,3 +300,69 @@ def test_backup_of_a_live_database_under_write_load_opens_with_every_table(runni
         assert tables == expected and {"pipeline", "workflow", "status_event", "repo"} <= tables
         assert copy.execute("SELECT count(*) FROM pipeline").fetchone()[0] > 10
     assert tack_command(tmp_path, "backup", str(target)).returncode == 2  # never overwrites
+
+
+# --- switching over from the official spindle ------------------------------------------
+
+
+def official_database(path: Path, repo_did: str) -> None:
+    """The official spindle's tables as its db.go and secrets/sqlite.go create
+    them, with one plain-text secret for a repo named by its DID."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            create table repos (id integer primary key autoincrement, knot text not null,
+                owner text not null, rkey text not null, repo_did text, created_at text,
+                addedAt text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+                unique(owner, rkey));
+            create table secrets (id integer primary key autoincrement, repo text not null,
+                key text not null, value text not null,
+                created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+                created_by text not null, unique(repo, key));
+            create table _jetstream (id integer primary key autoincrement,
+                last_time_us integer not null);
+            """
+        )
+        db.execute(
+            "insert into repos (knot, owner, rkey, repo_did) values (?, ?, ?, ?)",
+            ("knot.test", OWNER, "3lrepo", repo_did),
+        )
+        db.execute(
+            "insert into secrets (repo, key, value, created_by) values (?, ?, ?, ?)",
+            (repo_did, "DEPLOY_TOKEN", "plain-official-value", OWNER),
+        )
+
+
+def test_switching_over_imports_the_official_secrets_sealed_and_leaves_its_tables(
+    tmp_path, jetstream
+):
+    from tack import store
+    from tack.secrets import SecretStore, load_keys
+
+    db_path = tmp_path / "spindle.db"
+    repo_did = "did:plc:" + "r" * 24
+    official_database(db_path, repo_did)
+    uri = f"at://{OWNER}/sh.tangled.repo/3lrepo"
+
+    def run_tack_once() -> None:
+        log = tmp_path / f"tack-{len(list(tmp_path.glob('tack-*.log')))}.log"
+        proc = TackProcess(tack_env(tmp_path, jetstream.url), log)
+        proc.wait_for_log("tack started")
+        assert proc.terminate() == 0
+
+    run_tack_once()
+    with sqlite3.connect(db_path) as db:
+        (sealed,) = db.execute(
+            "SELECT value FROM secret WHERE repo = ? AND key = 'DEPLOY_TOKEN'", (uri,)
+        ).fetchone()
+        assert b"plain-official-value" not in bytes(sealed)
+        official = db.execute("SELECT repo, key, value FROM secrets").fetchall()
+        assert official == [(repo_did, "DEPLOY_TOKEN", "plain-official-value")]  # left alone
+    handle = store.open_database(str(db_path))
+    secrets = SecretStore(handle, load_keys(None, str(tmp_path / "secrets.key")))
+    assert secrets.values(uri) == {"DEPLOY_TOKEN": "plain-official-value"}
+    assert secrets.remove(uri, "DEPLOY_TOKEN")  # removed through tack afterwards
+    handle.close()
+    run_tack_once()  # imported once: the next start does not bring it back
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM secret").fetchone()[0] == 0

@@ -40,6 +40,8 @@ PAGE = 100
 MAX_PAGES = 100  # 10,000 records of one collection by one author
 PAGE_BYTES = 4 * 1024 * 1024
 TIMEOUT = 10.0
+# jetstream waits for the backfill: it gives up on what is left after this.
+DEADLINE = 120.0
 ATTEMPTS = 3
 RETRY_SECONDS = (0.5, 2.0)
 
@@ -82,11 +84,17 @@ class Backfill:
         self._pds_of = pds_of
         self._dev = dev
         self._stop = stop
+        self._pds: dict[str, str | Unreadable] = {}  # per run: each DID resolved once
+        self._deadline = 0.0
 
     def changes(self, learned: Learned) -> Iterator[Change]:
         """The changes that bring the store to what the PDSes hold now."""
+        self._pds.clear()
+        self._deadline = time.monotonic() + DEADLINE
         owner = self._directory.owner
         members = list(self._listing(owner, records.MEMBER, learned))
+        if isinstance(self._pds.get(owner), Unreadable):
+            return  # no members, and no owner's repos, without the owner's PDS
         yield from members
         invited = {c.row["subject"] for c in members if c.action == "upsert" and c.row is not None}
         learned.members = len(invited)
@@ -119,11 +127,22 @@ class Backfill:
             learned.deleted += 1
             yield Change(now_us, "delete", did, collection, rkey)
 
+    def _pds_for(self, did: str) -> str:
+        if did not in self._pds:
+            try:
+                self._pds[did] = self._pds_of(did)
+            except Exception as exc:
+                reason = f"no PDS: {type(exc).__name__}: {str(exc)[:200]}"
+                self._pds[did] = Unreadable(reason)
+        found = self._pds[did]
+        if isinstance(found, Unreadable):
+            raise found
+        return found
+
     def _records(self, did: str, collection: str) -> Iterator[tuple[str, Any]]:
-        try:
-            pds = self._pds_of(did)
-        except Exception as exc:
-            raise Unreadable(f"no PDS: {type(exc).__name__}: {str(exc)[:200]}") from None
+        if time.monotonic() > self._deadline:
+            raise Unreadable(f"the backfill's {DEADLINE:g} s are over")
+        pds = self._pds_for(did)
         cursor = None
         for _ in range(MAX_PAGES):
             query = {"repo": did, "collection": collection, "limit": PAGE}
