@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,12 +22,10 @@ from _common import percentile, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tack.backends import Context, Job, build
-from tack.pipelines import tangled_env
-from tack.workflow import parse
+from tack.backends import Context, build
 from tack.worklogs import LogBook
 from tests import containers
-from tests.standins import OWNER, push_pipeline
+from tests.standins import direct_job
 
 WORKFLOWS = int(os.environ.get("BENCH_WORKFLOWS", "30"))
 RAW = "steps:\n  - name: hello\n    command: echo hello\n"
@@ -57,12 +54,7 @@ class TimedLog:
 
 
 def one_workflow(backend, book: LogBook, index: int) -> tuple[float, float]:
-    record = push_pipeline("knot.test", OWNER, "bench", [("b.yml", "nixery", RAW)])
-    job = Job(
-        index, "knot.test", "3l", "b.yml", "nixery", "at://x", record,
-        {"name": "b.yml", "engine": "nixery", "raw": RAW, "clone": {"skip": True}},
-        parse(RAW), tangled_env(record, "at://x", True), cancel=threading.Event(),
-    )  # fmt: skip
+    job = direct_job(RAW, "nixery", workflow_id=index)
     log = TimedLog(book.open(index))
     started = time.perf_counter()
     outcome = backend.run(job, log)

@@ -688,3 +688,29 @@ class GitRepo:
             capture_output=True,
         )
         return result.stdout
+
+
+def direct_job(raw: str, engine: str, secrets: dict | None = None, workflow_id: int = 1):
+    """A ``Job`` for calling a backend straight (no scheduler): one workflow
+    ``ci.yml`` of a push pipeline, its clone skipped."""
+    import threading as _threading
+
+    from tack.backends import Job
+    from tack.pipelines import tangled_env
+    from tack.workflow import parse
+
+    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", engine, raw)])
+    return Job(
+        workflow_id=workflow_id,
+        knot="knot.test",
+        rkey="3l",
+        name="ci.yml",
+        engine=engine,
+        pipeline_uri="at://x",
+        pipeline=record,
+        workflow={"name": "ci.yml", "engine": engine, "raw": raw, "clone": {"skip": True}},
+        spec=parse(raw),
+        env=tangled_env(record, "at://x", True),
+        secrets=secrets or {},
+        cancel=_threading.Event(),
+    )

@@ -7,18 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 
-from tack.backends import Context, Job, build
-from tack.pipelines import tangled_env
-from tack.workflow import parse
+from tack.backends import Context, build
 from tack.worklogs import LogBook
 
 from .spindle_clients import EventsClient, read_log
-from .standins import OWNER, push_pipeline, tack_env, wait_until
+from .standins import OWNER, direct_job, push_pipeline, tack_env, wait_until
 
 ALICE = "did:plc:alice"
 
@@ -264,26 +261,12 @@ def test_secrets_are_masked_in_every_form(tmp_path):
         Context("spindle.test", dev=True),
     )
     secret = "hunter2-very-secret"
-    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "shell", "")])
     raw = yaml("""
         steps:
           - name: Leak
             command: echo "plain $TOKEN"; echo -n "$TOKEN" | base64; echo "cmd" >&2
     """)
-    job = Job(
-        workflow_id=1,
-        knot="knot.test",
-        rkey="3l",
-        name="ci.yml",
-        engine="shell",
-        pipeline_uri="at://x",
-        pipeline=record,
-        workflow={"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}},
-        spec=parse(raw),
-        env=tangled_env(record, "at://x", True),
-        secrets={"TOKEN": secret},
-        cancel=threading.Event(),
-    )
+    job = direct_job(raw, "shell", {"TOKEN": secret})
     book = LogBook(tmp_path / "logs")
     log = book.open(1, job.secrets.values())
     outcome = backend.run(job, log)
@@ -433,9 +416,7 @@ def test_no_config_file_means_shell_and_a_container_backend_for_nixery(tmp_path,
     monkeypatch.setenv("PATH", str(tools))  # neither podman nor docker
     backends = load(None, Context("spindle.test", dev=False))
     nixery = backends.resolve("nixery")
-    raw = "steps:\n  - name: build\n    command: go build\n"
-    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "nixery", raw)])
-    job = Job(1, "knot.test", "3l", "ci.yml", "nixery", "at://x", record, {}, parse(raw), {})
+    job = direct_job("steps:\n  - name: build\n    command: go build\n", "nixery")
     book = LogBook(tmp_path / "logs")
     log = book.open(1)
     outcome = nixery.run(job, log)
@@ -452,9 +433,7 @@ def test_shell_warns_in_the_log_about_dependencies_it_cannot_install(tmp_path):
         Context("spindle.test", dev=True),
     )
     raw = "dependencies:\n  nixpkgs: [go]\nsteps:\n  - name: s\n    command: 'true'\n"
-    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "shell", raw)])
-    workflow = {"name": "ci.yml", "engine": "shell", "raw": raw, "clone": {"skip": True}}
-    job = Job(1, "knot.test", "3l", "ci.yml", "shell", "at://x", record, workflow, parse(raw), {})
+    job = direct_job(raw, "shell")
     book = LogBook(tmp_path / "logs")
     log = book.open(1)
     assert backend.run(job, log).status == "success"

@@ -21,8 +21,6 @@ import pytest
 
 from tack.backends import Context, Job, build
 from tack.backends.container import INSTANCE_LABEL, nixery_image, plan_image
-from tack.pipelines import tangled_env
-from tack.workflow import parse
 from tack.worklogs import LogBook
 
 from . import containers
@@ -34,6 +32,7 @@ from .standins import (
     KnotStandin,
     TackProcess,
     commit,
+    direct_job,
     make_git_repo,
     push_pipeline,
     repo,
@@ -73,21 +72,7 @@ def container_backend(tmp_path: Path, registry, **options):
 
 
 def job_for(raw: str, secrets: dict[str, str] | None = None, workflow_id: int = 1) -> Job:
-    record = push_pipeline("knot.test", OWNER, "hello", [("ci.yml", "nixery", raw)])
-    return Job(
-        workflow_id=workflow_id,
-        knot="knot.test",
-        rkey="3l",
-        name="ci.yml",
-        engine="nixery",
-        pipeline_uri="at://x",
-        pipeline=record,
-        workflow={"name": "ci.yml", "engine": "nixery", "raw": raw, "clone": {"skip": True}},
-        spec=parse(raw),
-        env=tangled_env(record, "at://x", True),
-        secrets=secrets or {},
-        cancel=threading.Event(),
-    )
+    return direct_job(raw, "nixery", secrets, workflow_id)
 
 
 def run_job(backend, job: Job, tmp_path: Path):

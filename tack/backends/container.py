@@ -51,7 +51,7 @@ from typing import Any
 from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
 from . import Backend, Context, Job, Outcome, checkout, process
 from .options import Options
-from .shell import WorkspaceRootRefused, private_folder
+from .shell import new_workspace
 
 WORKSPACE_DIR = "/tangled/workspace"
 HOME_DIR = "/tangled/home"
@@ -239,12 +239,9 @@ class ContainerBackend(Backend):
         except UnusableWorkflow as exc:
             log.error(str(exc), "workflow file")
             return Outcome("failed", str(exc))
-        try:
-            private_folder(self.workspace_root)
-        except WorkspaceRootRefused as exc:
-            log.error(str(exc), "workspace")
-            return Outcome("failed", str(exc))
-        workspace = Path(tempfile.mkdtemp(prefix=f"{job.workflow_id}-", dir=self.workspace_root))
+        workspace = new_workspace(self.workspace_root, job.workflow_id, log)
+        if isinstance(workspace, Outcome):
+            return workspace
         name = f"tack-{job.workflow_id}-{os.urandom(4).hex()}"
         network = name if self.network == "bridge" else None
         # Saved before anything exists, so a tack killed at any point after

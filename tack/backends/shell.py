@@ -70,6 +70,17 @@ def private_folder(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+def new_workspace(root: Path, workflow_id: int, log: WorkflowLog) -> Path | Outcome:
+    """A fresh folder for one workflow under tack's own ``root``; when the
+    root is not tack's, the failed outcome (said in the log) instead."""
+    try:
+        private_folder(root)
+    except WorkspaceRootRefused as exc:
+        log.error(str(exc), "workspace")
+        return Outcome("failed", str(exc))
+    return Path(tempfile.mkdtemp(prefix=f"{workflow_id}-", dir=root))
+
+
 class ShellBackend(Backend):
     type_name = "shell"
 
@@ -102,12 +113,9 @@ class ShellBackend(Backend):
 
     def run(self, job: Job, log: WorkflowLog) -> Outcome:
         deadline = time.monotonic() + self.timeout
-        try:
-            private_folder(self.workspace_root)
-        except WorkspaceRootRefused as exc:
-            log.error(str(exc), "workspace")
-            return Outcome("failed", str(exc))
-        workspace = Path(tempfile.mkdtemp(prefix=f"{job.workflow_id}-", dir=self.workspace_root))
+        workspace = new_workspace(self.workspace_root, job.workflow_id, log)
+        if isinstance(workspace, Outcome):
+            return workspace
         if not self.sandboxed:
             log.data(0, UNSANDBOXED, "stderr")
         try:
