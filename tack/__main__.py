@@ -35,6 +35,9 @@ def _commands(parser: argparse.ArgumentParser) -> None:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--json", action="store_true", help="JSON, for scripts")
+        sub.add_argument(
+            "--db", help="tack's database (default: SPINDLE_SERVER_DB_PATH, else spindle.db)"
+        )
         return sub
 
     listing = command("workflows", "list workflows, newest first (at most 200)")
@@ -73,6 +76,7 @@ def _run_command(args: argparse.Namespace) -> int:
         "backup": lambda: admin.backup(args.path, args.json),
         "prune": lambda: admin.prune(args.days, args.json),
     }
+    admin.DB_PATH = args.db
     try:
         return handlers[args.command]()
     except (config.ConfigError, StartupError) as exc:

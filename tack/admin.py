@@ -1,9 +1,9 @@
 """``tack <command>``: what an operator does beside a running tack.
 
-The commands read the database and log paths from the same environment
-variables as the service (SPINDLE_SERVER_DB_PATH, SPINDLE_SERVER_LOG_DIR),
-so on the service's host they need no configuration of their own; they do
-not take the service's lock and may run while it does.
+The commands need only the database: ``--db``, else SPINDLE_SERVER_DB_PATH
+as the service reads it. The running tack records where it keeps workflow
+logs in the database (SPINDLE_SERVER_LOG_DIR, when set, wins). They do not
+take the service's lock and may run while it does.
 """
 
 from __future__ import annotations
@@ -40,12 +40,21 @@ def open_existing(db_path: str) -> None:
     store.open_database(db_path)
 
 
+DB_PATH: str | None = None  # --db, set by the command line
+
+
+def _open() -> tuple[str, str]:
+    """Open the database; (its path, the workflow log folder)."""
+    db_path = DB_PATH or config.read_setting("SPINDLE_SERVER_DB_PATH")
+    open_existing(db_path)
+    log_dir = os.environ.get("SPINDLE_SERVER_LOG_DIR") or store.remembered_setting("log_dir")
+    return db_path, log_dir or config.read_setting("SPINDLE_SERVER_LOG_DIR")
+
+
 def prune(days: float | None, as_json: bool) -> int:
-    db_path = config.read_setting("SPINDLE_SERVER_DB_PATH")
-    log_dir = config.read_setting("SPINDLE_SERVER_LOG_DIR")
     if days is None:
         days = config.read_setting("TACK_RETENTION_DAYS")
-    open_existing(db_path)
+    _, log_dir = _open()
     done = retention.prune(LogBook(log_dir), days)
     if as_json:
         print(json.dumps(vars(done) | {"retention_days": days}))
@@ -73,12 +82,6 @@ def _print(rows: list[dict], columns: list[str], as_json: bool) -> None:
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for row in rows:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
-
-
-def _open() -> tuple[str, str]:
-    db_path = config.read_setting("SPINDLE_SERVER_DB_PATH")
-    open_existing(db_path)
-    return db_path, config.read_setting("SPINDLE_SERVER_LOG_DIR")
 
 
 def _age(ns: int | None) -> str:
@@ -254,8 +257,7 @@ def knots(as_json: bool) -> int:
 def backup(target: str, as_json: bool) -> int:
     """A consistent copy through SQLite's online backup: safe while tack
     writes (a plain copy of a live WAL database can lack its tables)."""
-    db_path = config.read_setting("SPINDLE_SERVER_DB_PATH")
-    open_existing(db_path)
+    db_path, _ = _open()
     if Path(target).exists():
         print(f"tack: {target} exists; choose a new file", file=sys.stderr)
         return 2

@@ -99,6 +99,7 @@ class Spindle:
             rotated = self.secrets.rotate()
             log.info("secrets re-sealed with the first key", extra={"count": rotated})
         import_official_secrets(self.secrets, self.directory)
+        store.remember_setting("log_dir", str(Path(config.log_dir).resolve()))
         self.scheduler = Scheduler(
             self.db,
             self.statuses,

@@ -345,9 +345,12 @@ _V4 = (
 
 # V5: cancels asked for by ``tack cancel`` (another process), for the
 # running tack to carry out: statuses are written by one process only.
+# Also where the running tack keeps its workflow logs, so those commands
+# need only the database's path.
 _V5 = (
     """CREATE TABLE cancel_request (
         workflow_id INTEGER PRIMARY KEY, requested_at BIGINT NOT NULL)""",
+    """CREATE TABLE instance_setting (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
 )
 
 MIGRATIONS: list[tuple[int, Iterable[str]]] = [
@@ -705,6 +708,22 @@ def _write_records(changes: list[records.Change], may_grant: Callable[[str], boo
             _delete_records(collection, list(deleted[collection]))
         if upserts:
             _upsert_records(collection, upserts)
+
+
+def remember_setting(name: str, value: str) -> None:
+    """A setting of the running tack that its admin commands read back."""
+    database.execute_sql(
+        "INSERT INTO instance_setting (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )
+
+
+def remembered_setting(name: str) -> str | None:
+    row = database.execute_sql(
+        "SELECT value FROM instance_setting WHERE name = ?", (name,)
+    ).fetchone()
+    return None if row is None else row[0]
 
 
 def stored_rkeys(collection: str, did: str) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -223,7 +224,7 @@ SLOW = "steps:\n  - name: Wait\n    command: sleep\ndummy:\n  delay: 30\n"
 
 
 def test_admin_commands_list_show_and_cancel_a_running_workflow(running_tack, tmp_path):
-    _, _, knot, _ = running_tack
+    _, _, knot, db_path = running_tack
     knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("quick.yml", "dummy", "")]))
     knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("slow.yml", "dummy", SLOW)]))
     wait_until(
@@ -243,6 +244,13 @@ def test_admin_commands_list_show_and_cancel_a_running_workflow(running_tack, tm
     shown = tack_json(tmp_path, "show", str(slow))
     assert shown["statuses"][0]["status"] == "pending" and shown["status"] == "running"
     assert "dummy: would run: sleep" in shown["log_tail"]
+    # Only the database named, nothing else configured: the running tack
+    # recorded where its logs are.
+    bare = subprocess.run(
+        [sys.executable, "-m", "tack", "show", str(slow), "--json", "--db", str(db_path)],
+        env={"PATH": os.environ["PATH"]}, cwd="/", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(bare.stdout)["log_tail"] == shown["log_tail"], bare.stderr
 
     started = time.monotonic()
     cancelled = tack_command(tmp_path, "cancel", str(slow))
