@@ -67,17 +67,17 @@ def _commands(parser: argparse.ArgumentParser) -> None:
 def _run_command(args: argparse.Namespace) -> int:
     handlers = {
         "workflows": lambda: admin.workflows(args.status, args.repo, args.days, args.json),
-        "show": lambda: admin.show(args.id, args.lines, args.json),
+        "show": lambda: admin.show(paths, args.id, args.lines, args.json),
         "cancel": lambda: admin.cancel(args.id, args.wait, args.json),
         "repos": lambda: admin.repos(args.json),
         "members": lambda: admin.members(args.json),
         "collaborators": lambda: admin.collaborators(args.json),
         "knots": lambda: admin.knots(args.json),
-        "backup": lambda: admin.backup(args.path, args.json),
-        "prune": lambda: admin.prune(args.days, args.json),
+        "backup": lambda: admin.backup(paths, args.path, args.json),
+        "prune": lambda: admin.prune(paths, args.days, args.json),
     }
-    admin.DB_PATH = args.db
     try:
+        paths = admin.connect(args.db)
         return handlers[args.command]()
     except (config.ConfigError, StartupError) as exc:
         print(f"tack: {exc}", file=sys.stderr)

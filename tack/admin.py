@@ -13,6 +13,7 @@ import os
 import sqlite3
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import config, retention, store
@@ -32,30 +33,30 @@ from .store import (
 from .worklogs import LogBook
 
 
-def open_existing(db_path: str) -> None:
-    """Open tack's database for a command; never create one by mistake."""
+@dataclass(frozen=True)
+class Paths:
+    """Where the running tack keeps its state, as a command found it."""
+
+    db_path: str
+    log_dir: str
+
+
+def connect(db_path: str | None) -> Paths:
+    """Open tack's database (``--db``, else SPINDLE_SERVER_DB_PATH), never
+    creating one by mistake; and find its workflow logs."""
+    db_path = db_path or config.read_setting("SPINDLE_SERVER_DB_PATH")
     if not Path(db_path).is_file():
         where = os.path.abspath(db_path)
         raise StartupError("SPINDLE_SERVER_DB_PATH", f"no database at {where}")
     store.open_database(db_path)
-
-
-DB_PATH: str | None = None  # --db, set by the command line
-
-
-def _open() -> tuple[str, str]:
-    """Open the database; (its path, the workflow log folder)."""
-    db_path = DB_PATH or config.read_setting("SPINDLE_SERVER_DB_PATH")
-    open_existing(db_path)
     log_dir = os.environ.get("SPINDLE_SERVER_LOG_DIR") or store.remembered_setting("log_dir")
-    return db_path, log_dir or config.read_setting("SPINDLE_SERVER_LOG_DIR")
+    return Paths(db_path, log_dir or config.read_setting("SPINDLE_SERVER_LOG_DIR"))
 
 
-def prune(days: float | None, as_json: bool) -> int:
+def prune(paths: Paths, days: float | None, as_json: bool) -> int:
     if days is None:
         days = config.read_setting("TACK_RETENTION_DAYS")
-    _, log_dir = _open()
-    done = retention.prune(LogBook(log_dir), days)
+    done = retention.prune(LogBook(paths.log_dir), days)
     if as_json:
         print(json.dumps(vars(done) | {"retention_days": days}))
     elif days <= 0:
@@ -95,7 +96,6 @@ def _age(ns: int | None) -> str:
 
 
 def workflows(status: str | None, repo: str | None, days: float | None, as_json: bool) -> int:
-    _open()
     query = (
         Workflow.select(Workflow, Pipeline.repo_owner, Pipeline.repo_name, Pipeline.repo_did)
         .join(
@@ -132,8 +132,7 @@ def workflows(status: str | None, repo: str | None, days: float | None, as_json:
     return 0
 
 
-def show(workflow_id: int, lines: int, as_json: bool) -> int:
-    _, log_dir = _open()
+def show(paths: Paths, workflow_id: int, lines: int, as_json: bool) -> int:
     workflow = Workflow.get_or_none(Workflow.id == workflow_id)
     if workflow is None:
         print(f"tack: no workflow {workflow_id}", file=sys.stderr)
@@ -144,7 +143,7 @@ def show(workflow_id: int, lines: int, as_json: bool) -> int:
         .where(StatusEvent.workflow_id == workflow_id)
         .order_by(StatusEvent.id)
     ]
-    path = LogBook(log_dir).path(workflow_id)
+    path = LogBook(paths.log_dir).path(workflow_id)
     tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
     contents = [json.loads(line).get("content", "") for line in tail]
     detail = {
@@ -174,7 +173,6 @@ def show(workflow_id: int, lines: int, as_json: bool) -> int:
 
 def cancel(workflow_id: int, wait: float, as_json: bool) -> int:
     """Ask the running tack to cancel a workflow, and wait until it has."""
-    _open()
     workflow = Workflow.get_or_none(Workflow.id == workflow_id)
     if workflow is None:
         print(f"tack: no workflow {workflow_id}", file=sys.stderr)
@@ -200,7 +198,6 @@ def cancel(workflow_id: int, wait: float, as_json: bool) -> int:
 
 
 def repos(as_json: bool) -> int:
-    _open()
     rows = [
         {"owner": r.did, "name": r.name, "repo_did": r.repo_did or "", "knot": r.knot}
         for r in Repo.select().order_by(Repo.did, Repo.name)
@@ -210,7 +207,6 @@ def repos(as_json: bool) -> int:
 
 
 def members(as_json: bool) -> int:
-    _open()
     rows = [
         {"inviter": m.did, "member": m.subject, "instance": m.instance, "since": m.created_at}
         for m in Member.select().order_by(Member.created_at)
@@ -220,7 +216,6 @@ def members(as_json: bool) -> int:
 
 
 def collaborators(as_json: bool) -> int:
-    _open()
     rows = [
         {"owner": c.did, "collaborator": c.subject, "repo": c.repo_did or c.repo or ""}
         for c in Collaborator.select().order_by(Collaborator.did)
@@ -234,7 +229,6 @@ def collaborators(as_json: bool) -> int:
 
 
 def knots(as_json: bool) -> int:
-    _open()
     cursors = {
         c.name.removeprefix("knot:"): c.value for c in Cursor.select() if c.name.startswith("knot:")
     }
@@ -254,10 +248,10 @@ def knots(as_json: bool) -> int:
     return 0
 
 
-def backup(target: str, as_json: bool) -> int:
+def backup(paths: Paths, target: str, as_json: bool) -> int:
     """A consistent copy through SQLite's online backup: safe while tack
     writes (a plain copy of a live WAL database can lack its tables)."""
-    db_path, _ = _open()
+    db_path = paths.db_path
     if Path(target).exists():
         print(f"tack: {target} exists; choose a new file", file=sys.stderr)
         return 2

@@ -225,8 +225,7 @@ class Spindle:
         workflow = Workflow.get_or_none(Workflow.id == workflow_id)
         if workflow is None:
             return []
-        key = (Pipeline.knot == workflow.knot) & (Pipeline.rkey == workflow.rkey)
-        pipeline = Pipeline.get_or_none(key)
+        pipeline = store.pipeline_by_key(workflow.knot, workflow.rkey)
         return [] if pipeline is None else list(self._secrets_for(pipeline).values())
 
     def _secrets_for(self, pipeline: Pipeline) -> dict[str, str]:

@@ -87,8 +87,8 @@ class StatusLog:
         self._db = db
         self._encode = encode
         self._on_final = on_final
-        self._finals: list[int] = []
-        self._said: list[dict] = []  # status log lines, written after commit
+        # (workflow id, log line fields) of each status written, for after commit.
+        self._said: list[tuple[int, dict]] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._clock_id = random.randrange(1024)
@@ -111,22 +111,23 @@ class StatusLog:
         every write that belongs with the statuses (pipeline rows, workflows).
         """
         with self._lock:
-            self._uncommitted, self._finals, self._said = [], [], []
+            self._uncommitted, self._said = [], []
             try:
                 with self._db.atomic():
                     yield self
             except BaseException:
-                self._uncommitted, self._finals, self._said = [], [], []
+                self._uncommitted, self._said = [], []
                 raise
             if self._uncommitted:
                 self._publish(self._uncommitted)
-            finals, said = self._finals, self._said
+            said = self._said
         # Outside the lock, which every status write of every worker waits
         # for: waking log followers and writing log lines take longer than
         # the transaction itself.
-        for workflow_id in finals:
-            self._on_final(workflow_id)
-        for fields in said:
+        for workflow_id, fields in said:
+            if fields["status"] in FINAL:
+                self._on_final(workflow_id)
+        for _, fields in said:
             log.info("workflow status", extra=fields)
 
     def _publish(self, events: list[tuple[int, bytes]]) -> None:
@@ -176,19 +177,16 @@ class StatusLog:
             _INSERT_EVENT(), (rkey, created, workflow.id, status, frame)
         ).lastrowid
         self._uncommitted.append((event_id, self._encode(frame)))
-        if status in FINAL:
-            self._finals.append(workflow.id)
         workflow.status = status
-        self._said.append(
-            {
-                "knot": workflow.knot,
-                "rkey": workflow.rkey,
-                "workflow": workflow.name,
-                "status": status,
-                "error": error,
-                "exit_code": exit_code,
-            }
-        )
+        fields = {
+            "knot": workflow.knot,
+            "rkey": workflow.rkey,
+            "workflow": workflow.name,
+            "status": status,
+            "error": error,
+            "exit_code": exit_code,
+        }
+        self._said.append((workflow.id, fields))
         return True
 
     def mint(self) -> tuple[int, str]:

@@ -631,19 +631,13 @@ def _delete_statement(collection: str, rows: int) -> str:
     )
 
 
-def _upsert_records(collection: str, changes: list[records.Change]) -> None:
-    columns = _columns(RECORD_MODELS[collection])
-    for start in range(0, len(changes), ROWS_PER_STATEMENT):
-        chunk = changes[start : start + ROWS_PER_STATEMENT]
-        params = [value for change in chunk for value in map(change.row.__getitem__, columns)]
-        database.execute_sql(_upsert_statement(collection, len(chunk)), params)
-
-
-def _delete_records(collection: str, keys: list[tuple[str, str]]) -> None:
-    for start in range(0, len(keys), ROWS_PER_STATEMENT):
-        chunk = keys[start : start + ROWS_PER_STATEMENT]
-        params = [value for key in chunk for value in key]
-        database.execute_sql(_delete_statement(collection, len(chunk)), params)
+def _write_rows(statement: Callable[[str, int], str], collection: str, rows: list[tuple]) -> None:
+    """``rows`` (each a tuple of values) through ``statement(collection, n)``,
+    at most ROWS_PER_STATEMENT at a time."""
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[start : start + ROWS_PER_STATEMENT]
+        params = [value for row in chunk for value in row]
+        database.execute_sql(statement(collection, len(chunk)), params)
 
 
 def apply_changes(
@@ -705,9 +699,11 @@ def _write_records(changes: list[records.Change], may_grant: Callable[[str], boo
                     deleted[collection][(change.did, change.rkey)] = None
             upserts = [c for c in upserts if granting[c.did]]
         if deleted[collection]:
-            _delete_records(collection, list(deleted[collection]))
+            _write_rows(_delete_statement, collection, list(deleted[collection]))
         if upserts:
-            _upsert_records(collection, upserts)
+            columns = _columns(RECORD_MODELS[collection])
+            rows = [tuple(map(change.row.__getitem__, columns)) for change in upserts]
+            _write_rows(_upsert_statement, collection, rows)
 
 
 def remember_setting(name: str, value: str) -> None:
@@ -792,33 +788,29 @@ _SAVE_CURSOR = compile_once(
 _REPO_BY_NAME = compile_once(
     lambda: Repo.select().where((Repo.did == "o") & (Repo.name == "n")).limit(1)
 )
+
+
+def _members_of(owner: str, hostname: str) -> peewee.ModelSelect:
+    """Whom ``owner`` invited to the spindle at ``hostname``."""
+    return Member.select(Member.subject).where(
+        (Member.did == owner) & (Member.instance == hostname)
+    )
+
+
+def _served_repos_of(owner: str, hostname: str) -> peewee.ModelSelect:
+    """Repo records naming the spindle, by its owner or a member."""
+    return Repo.select().where(
+        (Repo.spindle == hostname)
+        & ((Repo.did == owner) | Repo.did.in_(_members_of(owner, hostname)))
+    )
+
+
 # The directory's questions asked for every ingest batch, built once. Their
 # placeholders are, in order: owner, hostname, subject, limit; and hostname,
 # owner, owner, hostname, knot, limit.
-_IS_MEMBER = compile_once(
-    lambda: (
-        Member.select(Member.subject)
-        .where((Member.did == "o") & (Member.instance == "h") & (Member.subject == "s"))
-        .limit(1)
-    )
-)
+_IS_MEMBER = compile_once(lambda: _members_of("o", "h").where(Member.subject == "s").limit(1))
 _IS_KNOT_WANTED = compile_once(
-    lambda: (
-        Repo.select(Repo.knot)
-        .where(
-            (Repo.spindle == "h")
-            & (
-                (Repo.did == "o")
-                | Repo.did.in_(
-                    Member.select(Member.subject).where(
-                        (Member.did == "o") & (Member.instance == "h")
-                    )
-                )
-            )
-            & (Repo.knot == "k")
-        )
-        .limit(1)
-    )
+    lambda: _served_repos_of("o", "h").select(Repo.knot).where(Repo.knot == "k").limit(1)
 )
 
 
@@ -834,9 +826,7 @@ class Directory:
         self.owner = owner
 
     def _members(self) -> peewee.ModelSelect:
-        return Member.select(Member.subject).where(
-            (Member.did == self.owner) & (Member.instance == self.hostname)
-        )
+        return _members_of(self.owner, self.hostname)
 
     def is_member(self, did: str) -> bool:
         """The owner, or someone the owner invited to this spindle."""
@@ -846,10 +836,7 @@ class Directory:
         return database.execute_sql(_IS_MEMBER(), params).fetchone() is not None
 
     def _served_repos(self) -> peewee.ModelSelect:
-        return Repo.select().where(
-            (Repo.spindle == self.hostname)
-            & ((Repo.did == self.owner) | Repo.did.in_(self._members()))
-        )
+        return _served_repos_of(self.owner, self.hostname)
 
     def is_knot_wanted(self, knot: str) -> bool:
         params = (self.hostname, self.owner, self.owner, self.hostname, knot, 1)

@@ -291,7 +291,7 @@ class Follower:
                 due = min(last_ping + ping_every, last_heard + idle_limit)
                 ws.settimeout(max(due - now, 0.05))
                 continue
-            last_heard = self.last_frame_at = time.monotonic()
+            last_heard = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise StreamEnded(_close_reason(data))
             if opcode == websocket.ABNF.OPCODE_TEXT:
@@ -300,6 +300,7 @@ class Follower:
                 continue  # ping/pong: only proof of life
             if not data:
                 continue  # an oversized message, dropped and logged
+            self.last_frame_at = last_heard  # an event, not a pong
             self.frames += 1
             self._session_frames += 1
             self._on_frame(data)

@@ -107,6 +107,16 @@ class Job:
     save_state: Callable[[dict[str, Any]], None] = lambda state: None
 
 
+def job_environment(job: Job, step_env: dict[str, str] | None = None) -> dict[str, str]:
+    """What every backend gives a step (protocol §2): workflow env < step env
+    < TANGLED_* < secrets, later sources winning."""
+    env = dict(job.spec.environment)
+    env.update(step_env or {})
+    env.update(job.env)
+    env.update(job.secrets)
+    return env
+
+
 class Backend:
     type_name: ClassVar[str] = ""
 

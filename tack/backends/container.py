@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
-from . import Backend, Context, Job, Outcome, checkout, process
+from . import Backend, Context, Job, Outcome, checkout, job_environment, process
 from .options import Options
 from .shell import new_workspace
 
@@ -186,12 +186,8 @@ echo 'sandbox = false' >> /etc/nix/nix.conf"""
 
 
 def container_environment(job: Job, step_env: dict[str, str]) -> dict[str, str]:
-    """workflow env < step env < TANGLED_* < secrets, as on every backend; then
-    HOME and PATH of the container."""
-    env = dict(job.spec.environment)
-    env.update(step_env)
-    env.update(job.env)
-    env.update(job.secrets)
+    """``job_environment``, then HOME and PATH of the container."""
+    env = job_environment(job, step_env)
     env["HOME"] = HOME_DIR
     env.setdefault("PATH", CONTAINER_PATH)
     return env
@@ -207,6 +203,8 @@ class ContainerBackend(Backend):
             raise options.fail("runtime", "neither podman nor docker is on PATH; install podman")
         if shutil.which(self.runtime) is None:
             raise options.fail("runtime", f"{self.runtime!r} is not on PATH")
+        # podman and docker differ in a few flags (below); the rest is shared.
+        self.podman = os.path.basename(self.runtime) == "podman"
         official = context.container_defaults
         registry = options.text("registry", official.get("registry", "nixery.dev"))
         self.insecure_registry = registry.startswith("http://")
@@ -318,33 +316,39 @@ class ContainerBackend(Backend):
     def pull_flags(self) -> list[str]:
         """podman takes a plain-HTTP registry per pull; docker only from its
         daemon's ``insecure-registries`` (README)."""
-        if self.insecure_registry and os.path.basename(self.runtime) == "podman":
+        if self.insecure_registry and self.podman:
             return ["--tls-verify=false"]
         return []
 
     def have_image(self, image: str) -> bool:
         return self._quiet(["image", "inspect", "--format", "{{.Id}}", image]) == 0
 
-    def _quiet(self, args: list[str], timeout: float = RUNTIME_TIMEOUT) -> int | None:
+    def _call(
+        self, args: list[str], timeout: float = RUNTIME_TIMEOUT
+    ) -> subprocess.CompletedProcess | None:
+        """A runtime command whose output nobody streams; None if it could not run."""
         try:
-            done = subprocess.run(
-                [self.runtime, *args], capture_output=True, timeout=timeout, check=False
+            return subprocess.run(
+                [self.runtime, *args], capture_output=True, text=True, timeout=timeout, check=False
             )
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return done.returncode
+
+    def _quiet(self, args: list[str], timeout: float = RUNTIME_TIMEOUT) -> int | None:
+        done = self._call(args, timeout)
+        return None if done is None else done.returncode
 
     def _remove_container(self, name: str) -> list[str]:
         """Remove at once: ``cat`` as the container's first process ignores
         SIGTERM, and podman would wait its 10 s stop timeout first."""
-        if os.path.basename(self.runtime) == "podman":
+        if self.podman:
             return ["rm", "--force", "--time", "0", name]
         return ["rm", "--force", name]  # docker kills straight away
 
     def _remove_network(self, name: str) -> list[str]:
         """podman's ``--force`` also takes the network from a container still
         being torn down, which otherwise keeps it "in use" for a moment."""
-        if os.path.basename(self.runtime) == "podman":
+        if self.podman:
             return ["network", "rm", "--force", name]
         return ["network", "rm", name]
 
@@ -381,14 +385,8 @@ class ContainerBackend(Backend):
             ("container", ["ps", "--all", "--filter", label, "--format", "{{.Names}}"]),
             ("network", ["network", "ls", "--filter", label, "--format", "{{.Name}}"]),
         ):
-            try:
-                out = subprocess.run(
-                    [self.runtime, *listing], capture_output=True, text=True,
-                    timeout=RUNTIME_TIMEOUT, check=False,
-                ).stdout  # fmt: skip
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            for stray in out.split():
+            listed = self._call(listing)
+            for stray in listed.stdout.split() if listed is not None else []:
                 if kind == "container":
                     remove = self._remove_container(stray)
                 else:

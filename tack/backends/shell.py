@@ -26,20 +26,15 @@ from pathlib import Path
 from .. import logs
 from ..config import ConfigError
 from ..worklogs import USER_STEP, WorkflowLog
-from . import Backend, Context, Job, Outcome, checkout, process
+from . import Backend, Context, Job, Outcome, checkout, job_environment, process
 from .options import Options
 
 _log = logs.get("shell")
 
 
 def workflow_environment(job: Job, home: Path, step_env: dict[str, str] | None = None) -> dict:
-    """workflow env < step env < TANGLED_* < secrets: later sources win."""
-    env = process.base_environment(home)
-    env.update(job.spec.environment)
-    env.update(step_env or {})
-    env.update(job.env)
-    env.update(job.secrets)
-    return env
+    """This host's short allow-list, then ``job_environment``."""
+    return process.base_environment(home) | job_environment(job, step_env)
 
 
 UNSANDBOXED = (
