@@ -714,3 +714,24 @@ def direct_job(raw: str, engine: str, secrets: dict | None = None, workflow_id: 
         secrets=secrets or {},
         cancel=_threading.Event(),
     )
+
+
+def run_direct(backend, job, logs_dir: Path):
+    """Run ``job`` on ``backend`` with a real workflow log in ``logs_dir``;
+    (outcome, the log's text)."""
+    from tack.worklogs import LogBook
+
+    book = LogBook(logs_dir)
+    log = book.open(job.workflow_id, job.secrets.values())
+    outcome = backend.run(job, log)
+    log.close()
+    return outcome, book.path(job.workflow_id).read_text()
+
+
+def fake_podman(folder: Path) -> Path:
+    """A ``podman`` that does nothing, in ``folder``: for what only looks
+    for the runtime on PATH."""
+    fake = folder / "podman"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    return fake

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from tack.backends import Context, build
-from tack.worklogs import LogBook
 
 from .spindle_clients import EventsClient, read_log
-from .standins import OWNER, direct_job, push_pipeline, tack_env, wait_until
+from .standins import (
+    OWNER,
+    direct_job,
+    fake_podman,
+    push_pipeline,
+    run_direct,
+    tack_env,
+    wait_until,
+)
 
 ALICE = "did:plc:alice"
 
@@ -266,12 +273,9 @@ def test_secrets_are_masked_in_every_form(tmp_path):
           - name: Leak
             command: echo "plain $TOKEN"; echo -n "$TOKEN" | base64; echo "cmd" >&2
     """)
-    job = direct_job(raw, "shell", {"TOKEN": secret})
-    book = LogBook(tmp_path / "logs")
-    log = book.open(1, job.secrets.values())
-    outcome = backend.run(job, log)
-    log.close()
-    text = book.path(1).read_text()
+    outcome, text = run_direct(
+        backend, direct_job(raw, "shell", {"TOKEN": secret}), tmp_path / "logs"
+    )
     assert outcome.status == "success"
     assert secret not in text
     import base64
@@ -404,26 +408,22 @@ def test_no_config_file_means_shell_and_a_container_backend_for_nixery(tmp_path,
 
     tools = tmp_path / "bin"
     tools.mkdir()
-    (tools / "podman").write_text("#!/bin/sh\nexit 0\n")
-    (tools / "podman").chmod(0o755)
+    podman = fake_podman(tools)
     monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
     backends = load(None, Context("spindle.test", dev=False))
     assert sorted(backends.instances) == ["nixery", "shell"]
     assert backends.resolve("nixery").type_name == "container"
     assert backends.resolve("nixery").runtime == "podman"
 
-    (tools / "podman").unlink()
+    podman.unlink()
     monkeypatch.setenv("PATH", str(tools))  # neither podman nor docker
     backends = load(None, Context("spindle.test", dev=False))
     nixery = backends.resolve("nixery")
     job = direct_job("steps:\n  - name: build\n    command: go build\n", "nixery")
-    book = LogBook(tmp_path / "logs")
-    log = book.open(1)
-    outcome = nixery.run(job, log)
-    log.close()
+    outcome, text = run_direct(nixery, job, tmp_path / "logs")
     assert (outcome.status, outcome.error) == ("failed", NO_CONTAINER_RUNTIME)
     assert "install podman" in NO_CONTAINER_RUNTIME
-    assert "needs a container runtime: install podman" in book.path(1).read_text()
+    assert "needs a container runtime: install podman" in text
 
 
 def test_shell_warns_in_the_log_about_dependencies_it_cannot_install(tmp_path):
@@ -433,12 +433,8 @@ def test_shell_warns_in_the_log_about_dependencies_it_cannot_install(tmp_path):
         Context("spindle.test", dev=True),
     )
     raw = "dependencies:\n  nixpkgs: [go]\nsteps:\n  - name: s\n    command: 'true'\n"
-    job = direct_job(raw, "shell")
-    book = LogBook(tmp_path / "logs")
-    log = book.open(1)
-    assert backend.run(job, log).status == "success"
-    log.close()
-    text = book.path(1).read_text()
+    outcome, text = run_direct(backend, direct_job(raw, "shell"), tmp_path / "logs")
+    assert outcome.status == "success"
     assert "does not install dependencies (nixpkgs: go)" in text
 
 
@@ -454,9 +450,7 @@ def test_process_environment_does_not_leak_tack_settings(tmp_path, monkeypatch):
 def test_the_shipped_example_configuration_loads(monkeypatch, tmp_path):
     from tack.backends import load
 
-    fake = tmp_path / "podman"  # the example names podman; only its presence is checked
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
+    fake_podman(tmp_path)  # the example names podman; only its presence is checked
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     for name in ("TACK_WEBHOOK_SECRET", "GITHUB_TOKEN", "GITLAB_TOKEN", "BUILDKITE_TOKEN"):
         monkeypatch.setenv(name, "s")

@@ -21,7 +21,6 @@ import pytest
 
 from tack.backends import Context, Job, build
 from tack.backends.container import INSTANCE_LABEL, nixery_image, plan_image
-from tack.worklogs import LogBook
 
 from . import containers
 from .spindle_clients import EventsClient, read_log
@@ -36,6 +35,7 @@ from .standins import (
     make_git_repo,
     push_pipeline,
     repo,
+    run_direct,
     tack_env,
     wait_until,
 )
@@ -73,14 +73,6 @@ def container_backend(tmp_path: Path, registry, **options):
 
 def job_for(raw: str, secrets: dict[str, str] | None = None, workflow_id: int = 1) -> Job:
     return direct_job(raw, "nixery", secrets, workflow_id)
-
-
-def run_job(backend, job: Job, tmp_path: Path):
-    book = LogBook(tmp_path / "logs")
-    log = book.open(job.workflow_id, job.secrets.values())
-    outcome = backend.run(job, log)
-    log.close()
-    return outcome, book.path(job.workflow_id).read_text()
 
 
 # --- the image a workflow gets ------------------------------------------------------------
@@ -122,7 +114,7 @@ def test_steps_run_in_the_pulled_nixery_image_with_the_spindle_layout(podman, tm
           - name: Who
             command: hostname 2>/dev/null || cat /etc/hostname; id -u
     """)
-    outcome, text = run_job(backend, job_for(raw), tmp_path)
+    outcome, text = run_direct(backend, job_for(raw), tmp_path / "logs")
     assert outcome.status == "success", text
     assert "/tangled/workspace" in text and "home=/tangled/home" in text
     assert "level=3.10 repo=hello" in text
@@ -139,7 +131,7 @@ def test_secrets_reach_the_step_by_name_and_are_masked(podman, tmp_path):
           - name: Leak
             command: echo "plain $TOKEN"; printf %s "$TOKEN" | base64 -w0; echo; cat /proc/1/cmdline
     """)
-    outcome, text = run_job(backend, job_for(raw, {"TOKEN": secret}), tmp_path)
+    outcome, text = run_direct(backend, job_for(raw, {"TOKEN": secret}), tmp_path / "logs")
     assert outcome.status == "success", text
     assert "hunter2" not in text
     assert base64.b64encode(secret.encode()).decode().rstrip("=") not in text
@@ -162,7 +154,7 @@ def test_a_step_cannot_see_tacks_files_environment_or_processes(podman, tmp_path
               env | grep -c TACK_SECRET_PROBE || true
               ls /proc | grep -c '^[0-9]' > /tmp/n; echo "processes=$(cat /tmp/n)"
     """)
-    outcome, text = run_job(backend, job_for(raw), tmp_path)
+    outcome, text = run_direct(backend, job_for(raw), tmp_path / "logs")
     assert outcome.status == "success", text
     assert "the database" not in text and "the key" not in text
     assert "no tack files" in text
@@ -180,7 +172,7 @@ def test_memory_and_pids_limits_are_enforced(podman, tmp_path):
           - name: Hog
             command: head -c 400m /dev/zero | tail > /dev/null
     """)
-    outcome, text = run_job(backend, job_for(hog), tmp_path)
+    outcome, text = run_direct(backend, job_for(hog), tmp_path / "logs")
     assert outcome.status == "failed" and outcome.exit_code == 137, text
     assert "64m" in outcome.error
     forks = yaml("""
@@ -188,7 +180,7 @@ def test_memory_and_pids_limits_are_enforced(podman, tmp_path):
           - name: Forks
             command: for i in $(seq 60); do sleep 5 & done; wait
     """)
-    outcome, text = run_job(backend, job_for(forks, workflow_id=2), tmp_path)
+    outcome, text = run_direct(backend, job_for(forks, workflow_id=2), tmp_path / "logs")
     assert "Resource temporarily unavailable" in text, text
 
 
@@ -202,7 +194,7 @@ def test_a_failing_step_fails_the_workflow_with_its_exit_code(podman, tmp_path):
           - name: Never
             command: echo never ran
     """)
-    outcome, text = run_job(backend, job_for(raw), tmp_path)
+    outcome, text = run_direct(backend, job_for(raw), tmp_path / "logs")
     assert (outcome.status, outcome.exit_code) == ("failed", 7)
     assert "Fails" in outcome.error and "never ran" not in text
 
@@ -216,12 +208,12 @@ def test_timeout_and_cancel_stop_the_container_and_remove_everything(podman, tmp
             command: echo started; sleep 300
     """)
     started = time.monotonic()
-    outcome, _ = run_job(backend, job_for(raw), tmp_path)
+    outcome, _ = run_direct(backend, job_for(raw), tmp_path / "logs")
     assert outcome.status == "timeout" and "3s" in outcome.error
     assert time.monotonic() - started < 30
     job = job_for(raw, workflow_id=2)
     threading.Timer(2.0, job.cancel.set).start()
-    outcome, _ = run_job(backend, job, tmp_path)
+    outcome, _ = run_direct(backend, job, tmp_path / "logs")
     assert outcome.status == "cancelled"
     label = f"{INSTANCE_LABEL}={backend.instance}"
     assert containers.containers_labelled(label) == []
@@ -239,7 +231,7 @@ def test_a_failed_pull_fails_the_workflow_with_the_runtimes_message(podman, tmp_
           - name: Never
             command: echo never
     """)
-    outcome, text = run_job(backend, job_for(raw), tmp_path)
+    outcome, text = run_direct(backend, job_for(raw), tmp_path / "logs")
     assert outcome.status == "failed"
     assert outcome.error.startswith("image pull failed:") and "manifest unknown" in outcome.error
     assert "never" not in text.replace('"Never"', "")

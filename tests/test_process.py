@@ -20,6 +20,7 @@ from .standins import (
     commit,
     db_cursor,
     db_rows,
+    fake_podman,
     member,
     repo,
     tack_env,
@@ -223,9 +224,7 @@ def test_the_official_nixery_settings_become_container_defaults(monkeypatch, tmp
     from tack import config
     from tack.backends import Context, default_backends
 
-    fake = tmp_path / "podman"
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
+    fake_podman(tmp_path)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     settings = config.load(
         {
