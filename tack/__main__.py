@@ -29,7 +29,7 @@ def _commands(parser: argparse.ArgumentParser) -> None:
     """The admin commands (``tack.admin``): each reads the database and log
     paths from the same environment as the service and runs beside it."""
     commands = parser.add_subparsers(
-        dest="command", metavar="command", help="without one, tack runs as the spindle"
+        dest="command", metavar="[command]", help="without one, tack runs as the spindle"
     )
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
