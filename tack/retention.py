@@ -23,7 +23,6 @@ log = logs.get("retention")
 DAY_NS = 86_400 * 1_000_000_000
 PRUNE_EVERY = 86_400.0  # seconds
 FIRST_PRUNE_AFTER = 60.0  # after start, once the rest is up
-CHUNK = 500
 # Workflows final before this time (unix ns) were pruned already.
 CURSOR = "retention"
 
