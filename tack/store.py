@@ -825,9 +825,6 @@ class Directory:
         self.hostname = hostname
         self.owner = owner
 
-    def _members(self) -> peewee.ModelSelect:
-        return _members_of(self.owner, self.hostname)
-
     def is_member(self, did: str) -> bool:
         """The owner, or someone the owner invited to this spindle."""
         if did == self.owner:
