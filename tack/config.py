@@ -137,6 +137,11 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _non_empty(raw: str) -> bool:
+    """The original tack's TACK_DEV: set to anything at all means on."""
+    return bool(raw)
+
+
 def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -171,6 +176,11 @@ class Setting:
     parse: Callable[[str], Any]
     default: str | None  # None: required
     help: str
+    # The original Go tack's name for the same setting, accepted as well so
+    # its unit files work unchanged; its own parser when it read the value
+    # differently (TACK_DEV: any non-empty value is true).
+    alias: str | None = None
+    alias_parse: Callable[[str], Any] | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -180,6 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
         _hostname,
         None,
         "this spindle's public hostname; its DID is did:web:<hostname>",
+        alias="TACK_HOSTNAME",
     ),
     Setting(
         "SPINDLE_SERVER_OWNER",
@@ -187,6 +198,7 @@ SETTINGS: tuple[Setting, ...] = (
         _did,
         None,
         "DID of the spindle's owner, whose member invitations count",
+        alias="TACK_OWNER_DID",
     ),
     Setting(
         "SPINDLE_SERVER_LISTEN_ADDR",
@@ -194,9 +206,15 @@ SETTINGS: tuple[Setting, ...] = (
         _listen_addr,
         "0.0.0.0:6555",
         "HOST:PORT the HTTP/websocket server listens on",
+        alias="TACK_LISTEN_ADDR",
     ),
     Setting(
-        "SPINDLE_SERVER_DB_PATH", "db_path", _text, "spindle.db", "path of the SQLite database file"
+        "SPINDLE_SERVER_DB_PATH",
+        "db_path",
+        _text,
+        "spindle.db",
+        "path of the SQLite database file",
+        alias="TACK_DB_PATH",
     ),
     Setting(
         "SPINDLE_SERVER_JETSTREAM_ENDPOINT",
@@ -204,6 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
         _ws_url,
         "wss://jetstream1.us-west.bsky.network/subscribe",
         "jetstream subscribe URL records are read from",
+        alias="TACK_JETSTREAM_URL",
     ),
     Setting(
         "SPINDLE_SERVER_DEV",
@@ -211,6 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         "false",
         "dev mode: plain ws:// and http:// to knots, loopback knots allowed",
+        alias="TACK_DEV",
+        alias_parse=_non_empty,
     ),
     Setting("SPINDLE_SERVER_LOG_DIR", "log_dir", _text, "logs", "directory for workflow logs"),
     Setting(
@@ -420,18 +441,7 @@ class Config:
 def load(environ: Mapping[str, str] | None = None) -> Config:
     """Read every setting; the first bad one raises ConfigError naming it."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        raw = env.get(setting.env)
-        if raw is None or (setting.default is None and not raw.strip()):
-            if setting.default is None:
-                raise ConfigError(setting.env, "is required but not set")
-            raw = setting.default
-        try:
-            values[setting.field] = setting.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(setting.env, str(exc)) from None
-    config = Config(**values)
+    config = Config(**{setting.field: _value_of(setting, env) for setting in SETTINGS})
     if config.reconnect_max < config.reconnect_min:
         raise ConfigError(
             "TACK_RECONNECT_MAX_SECONDS", "must not be below TACK_RECONNECT_MIN_SECONDS"
@@ -439,16 +449,48 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+def _value_of(setting: Setting, env: Mapping[str, str]) -> Any:
+    """A setting's value from its name or the original tack's name for it.
+
+    Given under both names, the two must mean the same: an operator who
+    left one behind in a unit file must not get the other silently.
+    """
+    required = setting.default is None
+    value = _parsed(setting.env, env.get(setting.env), setting.parse, required)
+    if setting.alias is None or env.get(setting.alias) is None:
+        if value is None:
+            if setting.default is None:
+                also = f" (nor {setting.alias})" if setting.alias else ""
+                raise ConfigError(setting.env, f"is required but not set{also}")
+            value = setting.parse(setting.default)
+        return value
+    parse = setting.alias_parse or setting.parse
+    alias_value = _parsed(setting.alias, env[setting.alias], parse, required)
+    if alias_value is None:
+        raise ConfigError(setting.alias, "is set but empty")
+    if value is not None and value != alias_value:
+        raise ConfigError(
+            setting.env,
+            f"disagrees with {setting.alias} (two names of one setting); set only one",
+        )
+    return alias_value
+
+
+def _parsed(name: str, raw: str | None, parse: Callable[[str], Any], required: bool) -> Any:
+    """``raw`` parsed; None when it is unset (or blank, for a required setting)."""
+    if raw is None or (required and not raw.strip()):
+        return None
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
+
+
 def read_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """One setting, parsed (its default when unset): for the admin commands,
     which need the database and log paths but not the rest."""
     env = os.environ if environ is None else environ
-    setting = next(s for s in SETTINGS if s.env == name)
-    raw = env.get(name) or setting.default or ""
-    try:
-        return setting.parse(raw)
-    except ValueError as exc:
-        raise ConfigError(name, str(exc)) from None
+    return _value_of(next(s for s in SETTINGS if s.env == name), env)
 
 
 def describe_settings() -> str:
@@ -458,5 +500,6 @@ def describe_settings() -> str:
         default = (
             "required" if setting.default is None else f"default: {setting.default or '(unset)'}"
         )
-        lines.append(f"  {setting.env}\n      {setting.help} [{default}]")
+        also = f" (or {setting.alias}, the original tack's name)" if setting.alias else ""
+        lines.append(f"  {setting.env}{also}\n      {setting.help} [{default}]")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import peewee
 
 from . import logs, pipelines, retry
-from .backends import Backend, Backends, Job, Outcome, process
+from .backends import DIALECT_ENGINE, Backend, Backends, CancelFlag, Job, Outcome, process
 from .statuses import FINAL, RUNNING, StatusLog
 from .store import (
     CancelRequest,
@@ -57,10 +57,13 @@ class Scheduler:
         dev: bool,
         stop: threading.Event,
         secrets_for: SecretsFor = lambda pipeline: {},
-        on_finished: Callable[[Workflow, str, float], None] = lambda workflow, status, s: None,
+        on_finished: Callable[[Workflow, str, float, str | None], None] = (
+            lambda workflow, status, seconds, backend: None
+        ),
     ) -> None:
-        """``on_finished(workflow, status, seconds)`` follows each final
-        status a worker writes (seconds since the worker took it)."""
+        """``on_finished(workflow, status, seconds, backend)`` follows each
+        final status a worker writes (seconds since the worker took it; the
+        name of the backend it ran on, None when it had none)."""
         self._on_finished = on_finished
         self._db = db
         self._statuses = statuses
@@ -72,7 +75,8 @@ class Scheduler:
         self._secrets_for = secrets_for
         self._work = threading.Condition()
         self._resumable: deque[int] = deque()
-        self._cancels: dict[int, threading.Event] = {}
+        self._cancels: dict[int, CancelFlag] = {}
+        self._routed: dict[int, str] = {}  # workflow id -> the backend it runs on
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()  # tack is shutting down (not a user cancel)
 
@@ -111,7 +115,7 @@ class Scheduler:
                     extra={"backend": backend.name, "action": action},
                 )
         for workflow in Workflow.select().where(Workflow.status == RUNNING):
-            backend = self._backends.resolve(workflow.engine)
+            backend = self._backend_of(workflow)
             if backend is not None and type(backend).resume is not Backend.resume:
                 self._cut_to_checkpoint(workflow)
                 log.info("resuming workflow", extra=_ids(workflow))
@@ -208,7 +212,7 @@ class Scheduler:
                 workflow = Workflow.get_by_id(self._resumable.popleft())
             except IndexError:
                 return None
-            cancel = threading.Event()
+            cancel = CancelFlag()
             if workflow.status in FINAL:
                 # Cancelled while it waited to be resumed: the backend is
                 # still handed the job, already cancelled, so it can stop
@@ -223,7 +227,7 @@ class Scheduler:
                 if workflow is None:
                     return None
                 statuses.append(workflow, RUNNING)
-                self._cancels[workflow.id] = threading.Event()
+                self._cancels[workflow.id] = CancelFlag()
                 return workflow
 
         workflow = self._with_retry(attempt)
@@ -248,9 +252,11 @@ class Scheduler:
             # stays running and the next start resumes or fails it.
             if not (self._stopping.is_set() and outcome.status == "cancelled"):
                 status = self._finish(workflow, outcome)
-                self._on_finished(workflow, status, time.monotonic() - started)
+                backend = self._routed.get(workflow.id)
+                self._on_finished(workflow, status, time.monotonic() - started, backend)
         finally:
             self._cancels.pop(workflow.id, None)
+            self._routed.pop(workflow.id, None)
 
     def _outcome(self, workflow: Workflow, cancel: threading.Event, resume: bool) -> Outcome:
         pipeline = self._with_retry(lambda: pipeline_by_key(workflow.knot, workflow.rkey))
@@ -263,12 +269,26 @@ class Scheduler:
         finally:
             workflow_log.close()
 
+    def _backend_of(self, workflow: Workflow) -> Backend | None:
+        """The backend a stored workflow was routed to (the original tack's
+        dialect needs its file); None when it has none now."""
+        raw = None
+        if workflow.engine == DIALECT_ENGINE:
+            pipeline = pipeline_by_key(workflow.knot, workflow.rkey)
+            raw = None if pipeline is None else _raw_of(json.loads(pipeline.record), workflow.name)
+        try:
+            return self._backends.route(workflow.engine, raw)
+        except WorkflowError:
+            return None
+
     def _run(self, workflow, pipeline, secrets, cancel, workflow_log, resume) -> Outcome:
-        backend = self._backends.resolve(workflow.engine)
-        if backend is None:
-            error = f'unknown engine "{workflow.engine}"'
-            workflow_log.error(error)
-            return Outcome("failed", error)
+        record = json.loads(pipeline.record)
+        try:
+            backend = self._backends.route(workflow.engine, _raw_of(record, workflow.name))
+        except WorkflowError as exc:
+            workflow_log.error(str(exc))
+            return Outcome("failed", str(exc))
+        self._routed[workflow.id] = backend.name
         try:
             job = self._job(workflow, pipeline, secrets, cancel)
         except WorkflowError as exc:
@@ -328,6 +348,12 @@ class Scheduler:
 
     def _with_retry(self, operation):
         return retry.store_writes(self._stop, log, "store busy, retrying")(operation)
+
+
+def _raw_of(record: dict, name: str) -> str | None:
+    """The workflow file ``name`` as the pipeline record carries it."""
+    entry = next((w for w in record.get("workflows", ()) if w.get("name") == name), None)
+    return None if entry is None else entry.get("raw")
 
 
 def _describe(exc: BaseException) -> str:

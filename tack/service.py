@@ -26,9 +26,11 @@ from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
 from .api.operator import Operator, Probes
 from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
+from .api.webhooks import BUILDKITE_PATH, BuildkiteWebhooks
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth
 from .backends import Backends, Context
+from .backends.buildkite import BuildkiteBackend
 from .config import Config, unimplemented_settings
 from .intake.accept import Acceptor
 from .intake.backfill import Backfill
@@ -171,6 +173,13 @@ class Spindle:
             app.post_routes.update(post_routes)
         logstream = PipelineLogStream(follower)
         app.get_routes[LOGSTREAM_PATH] = logstream.route
+        notified = [
+            b
+            for b in self.backends.instances.values()
+            if isinstance(b, BuildkiteBackend) and b.takes_webhooks
+        ]
+        if notified:
+            app.post_routes[BUILDKITE_PATH] = BuildkiteWebhooks(notified).route
         self._watch(app, follower)
         self.server = Server(self.httpd, app)
 
@@ -213,10 +222,11 @@ class Spindle:
         self.metrics.pipelines_accepted.inc()
         self.scheduler.wake(workflows)
 
-    def _count_finished(self, workflow: Workflow, status: str, seconds: float) -> None:
-        backend = self.backends.resolve(workflow.engine)
+    def _count_finished(
+        self, workflow: Workflow, status: str, seconds: float, backend: str | None
+    ) -> None:
         self.metrics.workflows_finished.labels(status).inc()
-        self.metrics.workflow_seconds.labels(backend.name if backend else "none").observe(seconds)
+        self.metrics.workflow_seconds.labels(backend or "none").observe(seconds)
 
     def _count_response(self, route: str, status: int) -> None:
         self.metrics.http_requests.labels(route, str(status)).inc()

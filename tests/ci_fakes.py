@@ -16,8 +16,22 @@ taken from the vendor's published API reference:
   https://docs.github.com/en/rest/actions/workflow-runs#list-workflow-runs-for-a-workflow
   https://docs.github.com/en/rest/actions/workflow-jobs#list-jobs-for-a-workflow-run
   https://docs.github.com/en/rest/actions/workflow-jobs#download-job-logs-for-a-workflow-run
+- Tekton on Kubernetes: the PipelineRun and TaskRun resources of tekton.dev/v1
+  https://tekton.dev/docs/pipelines/pipelineruns/ (spec, status.conditions
+  Succeeded with its reasons, status.childReferences, cancelling by
+  spec.status: Cancelled), https://tekton.dev/docs/pipelines/taskruns/
+  (status.podName, status.steps with running/terminated), served as
+  Kubernetes serves custom resources:
+  https://kubernetes.io/docs/reference/using-api/api-concepts/ (create,
+  get, merge-patch with application/merge-patch+json) and the pod log:
+  https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#read-log-of-the-specified-pod
+- builds.sr.ht GraphQL, POST /query with a bearer token:
+  https://man.sr.ht/builds.sr.ht/graphql.md and the schema
+  https://git.sr.ht/~sircmpwn/builds.sr.ht/tree/master/item/api/graph/schema.graphqls
+  (submit, job(id) with status and tasks { name status log { fullURL } },
+  cancel(jobId), JobStatus and TaskStatus values)
 
-One run model serves all three: a run advances one phase per status poll
+One run model serves them all: a run advances one phase per status poll
 (queued, then each job in turn, then finished) unless it is held; the test
 can inject HTTP failures (429 with Retry-After, 5xx) and malformed bodies.
 """
@@ -31,6 +45,8 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+import yaml
 
 TOKEN = "ci-api-token-123"
 
@@ -100,6 +116,11 @@ class FakeCI:
 
     name = ""
     routes: list[tuple[str, str, str]] = []  # (method, path regex, handler name)
+    malformed_methods = ("GET",)  # the requests that read a run's state
+    # The workflow file the shared scenarios push, and one in the original
+    # tack's dialect (engine: tack, tack: {<provider>: …}).
+    workflow_raw = "steps: []\n"
+    dialect_raw = ""
 
     def __init__(self, jobs: list[FakeJob] | None = None) -> None:
         self.job_template = jobs or [
@@ -111,6 +132,7 @@ class FakeCI:
         self.faults: list[Fault] = []
         self.malformed = 0
         self.requests: list[tuple[float, str, str]] = []
+        self.headers: list[dict] = []
         self.lock = threading.Lock()
         fake = self
 
@@ -123,6 +145,9 @@ class FakeCI:
 
             def do_PUT(self) -> None:
                 fake._dispatch(self, "PUT")
+
+            def do_PATCH(self) -> None:
+                fake._dispatch(self, "PATCH")
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -160,8 +185,9 @@ class FakeCI:
         body = json.loads(handler.rfile.read(length) or b"null") if length else None
         with self.lock:
             self.requests.append((time.monotonic(), method, parts.path))
+            self.headers.append(dict(handler.headers))
             fault = self.faults.pop(0) if self.faults else None
-            malformed = self.malformed > 0 and method == "GET"
+            malformed = self.malformed > 0 and method in self.malformed_methods
             if malformed:
                 self.malformed -= 1
         if fault:
@@ -213,6 +239,10 @@ _BK_BUILD_STATE = {
 
 class BuildkiteFake(FakeCI):
     name = "buildkite"
+    dialect_raw = (
+        'when:\n  - event: ["push", "pull_request"]\n    branch: ["main"]\n'
+        "engine: tack\ntack:\n  buildkite:\n    pipeline: tangled\n"
+    )
     routes = [
         ("POST", _BK, "create"),
         ("GET", _BK + r"/(?P<number>\d+)", "get"),
@@ -418,7 +448,194 @@ class GitHubFake(FakeCI):
         return 202, {}, {}
 
 
-FAKES = {fake.name: fake for fake in (BuildkiteFake, GitLabFake, GitHubFake)}
+# --- Tekton ---------------------------------------------------------------------------------
+
+_TK = r"/apis/tekton.dev/v1/namespaces/ci"
+
+
+class TektonFake(FakeCI):
+    name = "tekton"
+    routes = [
+        ("POST", _TK + r"/pipelineruns", "create"),
+        ("GET", _TK + r"/pipelineruns/tack-run(?P<number>\d+)", "get"),
+        ("PATCH", _TK + r"/pipelineruns/tack-run(?P<number>\d+)", "patch"),
+        ("GET", _TK + r"/taskruns/tack-run(?P<number>\d+)-(?P<index>\d+)", "task_run"),
+        (
+            "GET",
+            r"/api/v1/namespaces/ci/pods/tack-run(?P<number>\d+)-(?P<index>\d+)-pod/log",
+            "log",
+        ),
+    ]
+    dialect_raw = (
+        'when:\n  - event: ["push"]\n    branch: ["main"]\nengine: tack\ntack:\n'
+        "  tekton:\n    pipeline: build\n    params:\n      target: release\n"
+        "    serviceAccountName: builder\n"
+        "    workspaces:\n      - name: source\n        emptyDir: {}\n"
+    )
+
+    def authorized(self, handler) -> bool:
+        return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+    def _pipeline_run(self, run: FakeRun) -> dict:
+        name = f"tack-run{run.number}"
+        condition = {
+            "queued": None,
+            "running": ("Unknown", "Running"),
+            "success": ("True", "Succeeded"),
+            "failed": ("False", "Failed"),
+            "cancelled": ("False", "Cancelled"),
+        }[run.outcome]
+        status: dict = {
+            "childReferences": [
+                {
+                    "apiVersion": "tekton.dev/v1",
+                    "kind": "TaskRun",
+                    "name": f"{name}-{i}",
+                    "pipelineTaskName": job.name,
+                }
+                for i, job in enumerate(run.jobs)
+                if run.job_state(i) != "pending"
+            ]
+        }
+        if condition:
+            status["conditions"] = [
+                {
+                    "type": "Succeeded",
+                    "status": condition[0],
+                    "reason": condition[1],
+                    "message": f"Tasks Completed: {condition[1]}",
+                }
+            ]
+        return {
+            "apiVersion": "tekton.dev/v1",
+            "kind": "PipelineRun",
+            "metadata": {"name": name, "namespace": "ci"},
+            "spec": run.params["spec"],
+            "status": status,
+        }
+
+    def create(self, body, query):
+        assert body["apiVersion"] == "tekton.dev/v1" and body["kind"] == "PipelineRun"
+        return 201, self._pipeline_run(self.new_run(body)), {}
+
+    def get(self, body, query, number):
+        run = self.runs[int(number)]
+        run.tick()
+        return 200, self._pipeline_run(run), {}
+
+    def patch(self, body, query, number):
+        if self.headers[-1].get("Content-Type") != "application/merge-patch+json":
+            return 415, {"kind": "Status", "code": 415}, {}
+        if body == {"spec": {"status": "Cancelled"}}:
+            self.runs[int(number)].cancelled = True
+        return 200, self._pipeline_run(self.runs[int(number)]), {}
+
+    def task_run(self, body, query, number, index):
+        run, i = self.runs[int(number)], int(index)
+        job, state = run.jobs[i], run.job_state(i)
+        step: dict = {"name": job.name, "container": f"step-{job.name}"}
+        if state == "running":
+            step["running"] = {"startedAt": "2026-11-27T00:00:00Z"}
+        elif state != "pending":
+            code = job.exit_code if state != "cancelled" else 137
+            step["terminated"] = {"exitCode": code, "reason": "Completed" if not code else "Error"}
+        return (
+            200,
+            {
+                "kind": "TaskRun",
+                "status": {"podName": f"tack-run{number}-{i}-pod", "steps": [step]},
+            },
+            {},
+        )
+
+    def log(self, body, query, number, index):
+        run, i = self.runs[int(number)], int(index)
+        if query.get("container") != [f"step-{run.jobs[i].name}"]:
+            return 400, {"kind": "Status", "message": "container not found"}, {}
+        return 200, run.job_log(i).encode(), {"Content-Type": "text/plain"}
+
+
+# --- sourcehut --------------------------------------------------------------------------------
+
+_SRHT_JOB = {
+    "queued": "QUEUED",
+    "running": "RUNNING",
+    "success": "SUCCESS",
+    "failed": "FAILED",
+    "cancelled": "CANCELLED",
+}
+_SRHT_TASK = {
+    "pending": "PENDING",
+    "running": "RUNNING",
+    "success": "SUCCESS",
+    "failed": "FAILED",
+    "cancelled": "FAILED",
+}
+SRHT_MANIFEST = "image: alpine/edge\ntasks:\n  - build: make\n  - test: make check\n"
+
+
+class SourcehutFake(FakeCI):
+    name = "sourcehut"
+    routes = [
+        ("POST", r"/query", "graphql"),
+        ("GET", r"/logs/(?P<number>\d+)/(?P<index>\d+)", "log"),
+    ]
+    malformed_methods = ("GET", "POST")
+    workflow_raw = "sourcehut:\n  manifest: |\n" + "".join(
+        f"    {line}\n" for line in SRHT_MANIFEST.splitlines()
+    )
+    dialect_raw = (
+        'when:\n  - event: ["push"]\n    branch: ["main"]\nengine: tack\ntack:\n'
+        "  sourcehut:\n    tags: [tack, ci]\n    note: from the original tack\n"
+        "    secrets: true\n    manifest: |\n"
+        + "".join(f"      {line}\n" for line in SRHT_MANIFEST.splitlines())
+    )
+
+    def authorized(self, handler) -> bool:
+        return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+    def graphql(self, body, query):
+        text, variables = body["query"], body.get("variables") or {}
+        if "submit(" in text:
+            run = self.new_run(variables)
+            return 200, {"data": {"submit": {"id": run.number}}}, {}
+        if "cancel(" in text:
+            run = self.runs[variables["id"]]
+            run.cancelled = True
+            return 200, {"data": {"cancel": {"id": run.number}}}, {}
+        if "job(" in text:
+            run = self.runs.get(variables["id"])
+            if run is None:
+                return 200, {"errors": [{"message": "no such job"}], "data": {"job": None}}, {}
+            run.tick()
+            return 200, {"data": {"job": self._job(run)}}, {}
+        return 200, {"errors": [{"message": "unknown query"}], "data": None}, {}
+
+    def _job(self, run: FakeRun) -> dict:
+        return {
+            "id": run.number,
+            "status": _SRHT_JOB[run.outcome],
+            "tasks": [
+                {
+                    "name": job.name,
+                    "status": _SRHT_TASK[run.job_state(i)],
+                    "log": {"fullURL": f"{self.url}/logs/{run.number}/{i}"},
+                }
+                for i, job in enumerate(run.jobs)
+            ],
+        }
+
+    def log(self, body, query, number, index):
+        return (
+            200,
+            self.runs[int(number)].job_log(int(index)).encode(),
+            {"Content-Type": "text/plain"},
+        )
+
+
+FAKES = {
+    fake.name: fake for fake in (BuildkiteFake, GitLabFake, GitHubFake, TektonFake, SourcehutFake)
+}
 
 
 def backend_config(fake: FakeCI) -> str:
@@ -429,6 +646,10 @@ def backend_config(fake: FakeCI) -> str:
     )
     if fake.name == "buildkite":
         body = f'organization = "acme"\npipeline = "tangled"\napi_url = "{fake.url}"\n'
+    elif fake.name == "tekton":
+        body = f'namespace = "ci"\npipeline = "build"\napi_url = "{fake.url}"\n'
+    elif fake.name == "sourcehut":
+        body = f'instance = "{fake.url}"\n'
     elif fake.name == "gitlab-ci":
         body = f'project = "acme/tangled"\napi_url = "{fake.url}"\n'
     else:
@@ -442,4 +663,8 @@ def sent_values(fake: FakeCI, run: FakeRun) -> dict:
         return run.params["env"]
     if fake.name == "gitlab-ci":
         return {v["key"]: v["value"] for v in run.params["variables"]}
+    if fake.name == "tekton":
+        return {p["name"]: p["value"] for p in run.params["spec"]["params"]}
+    if fake.name == "sourcehut":
+        return yaml.safe_load(run.params["manifest"])["environment"]
     return json.loads(run.params["inputs"]["tangled"])

@@ -25,18 +25,21 @@ from __future__ import annotations
 import os
 import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .. import logs
 from ..config import ConfigError
-from ..workflow import WorkflowSpec
+from ..workflow import WorkflowError, WorkflowSpec, load_document
 from ..worklogs import WorkflowLog
 from .options import Options
 
 if TYPE_CHECKING:
     from ..api.callbacks import CallbackHub
+
+log = logs.get("backends")
 
 
 @dataclass
@@ -86,6 +89,20 @@ class Outcome:
     exit_code: int | None = None
 
 
+class CancelFlag(threading.Event):
+    """A workflow's cancel flag. Setting it also sets ``news``, the event a
+    backend waiting for word of a remote run (its poll timer, or a CI's
+    notification) sleeps on, so a cancel is never left waiting a poll."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.news = threading.Event()
+
+    def set(self) -> None:
+        super().set()
+        self.news.set()
+
+
 @dataclass
 class Job:
     workflow_id: int
@@ -99,7 +116,7 @@ class Job:
     spec: WorkflowSpec
     env: dict[str, str]  # CI and TANGLED_* variables (protocol §2)
     secrets: dict[str, str] = field(default_factory=dict)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelFlag = field(default_factory=CancelFlag)
     # Set together with ``cancel`` when tack itself shuts down: stop watching,
     # but leave a remote run alone, since the next start resumes it.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -145,6 +162,11 @@ class Backend:
         return []
 
 
+# The original tack's dialect: ``engine: tack`` with a ``tack:`` block whose
+# single key is a backend type (``tack: {buildkite: {pipeline: app}}``).
+DIALECT_ENGINE = "tack"
+
+
 class Backends:
     """The configured backend instances and the engine aliases that point at them."""
 
@@ -154,6 +176,70 @@ class Backends:
 
     def resolve(self, engine: str) -> Backend | None:
         return self.instances.get(self.aliases.get(engine, engine))
+
+    def route(self, engine: str, raw: str | None) -> Backend:
+        """The backend a workflow runs on, from its engine and, for the
+        original tack's dialect, its ``tack:`` block; WorkflowError saying
+        why there is none. A backend or alias named "tack" is the operator's
+        explicit choice and wins over the dialect."""
+        backend = self.resolve(engine)
+        if backend is not None:
+            return backend
+        if engine != DIALECT_ENGINE or raw is None:
+            raise WorkflowError(f'unknown engine "{engine}"')
+        kind = dialect_provider(load_document(raw)[0])
+        candidates = [b for b in self.instances.values() if b.type_name == kind]
+        if len(candidates) > 1:
+            candidates = [b for b in candidates if b.name == kind]
+            if not candidates:
+                raise WorkflowError(
+                    f"engine tack: several {kind} backends are configured and none is named "
+                    f'"{kind}"'
+                )
+        if not candidates:
+            raise WorkflowError(f"engine tack: no {kind} backend is configured on this spindle")
+        return candidates[0]
+
+    def route_name(self, engine: str, raw: str | None) -> str | None:
+        """The name of ``route``'s backend; None when there is none."""
+        try:
+            return self.route(engine, raw).name
+        except WorkflowError:
+            return None
+
+
+def dialect_provider(document: dict[str, Any]) -> str:
+    """The backend type a ``tack:`` block names: its single key."""
+    block = document.get(DIALECT_ENGINE)
+    if not isinstance(block, dict) or len(block) != 1:
+        raise WorkflowError(
+            "engine tack needs a tack: block with exactly one provider, "
+            "e.g. tack: {buildkite: {pipeline: my-app-ci}}"
+        )
+    kind = next(iter(block))
+    if kind not in _types():
+        raise WorkflowError(
+            f"tack: {str(kind)[:50]!r} is not a provider (one of {', '.join(sorted(_types()))})"
+        )
+    return kind
+
+
+def provider_options(job: Job, type_name: str) -> dict[str, Any]:
+    """A workflow's options for its backend: the original tack's
+    ``tack.<type>`` block when it uses that dialect, else the ``<type>:``
+    block; a mapping either way (empty when absent)."""
+    document = job.spec.document
+    tack_block = document.get(DIALECT_ENGINE)
+    where = type_name
+    if isinstance(tack_block, dict) and type_name in tack_block:
+        section, where = tack_block[type_name], f"tack.{type_name}"
+    else:
+        section = document.get(type_name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise WorkflowError(f"{where} must be a mapping")
+    return section
 
 
 def _types() -> dict[str, type[Backend]]:
@@ -165,6 +251,8 @@ def _types() -> dict[str, type[Backend]]:
     from .github import GitHubBackend
     from .gitlab import GitLabBackend
     from .shell import ShellBackend
+    from .sourcehut import SourcehutBackend
+    from .tekton import TektonBackend
     from .webhook import WebhookBackend
 
     classes = (
@@ -177,6 +265,8 @@ def _types() -> dict[str, type[Backend]]:
         GitHubBackend,
         GitLabBackend,
         BuildkiteBackend,
+        TektonBackend,
+        SourcehutBackend,
     )
     return {cls.type_name: cls for cls in classes}
 
@@ -206,7 +296,44 @@ def default_backends(context: Context) -> Backends:
         instances["nixery"] = build("nixery", {"type": "container"}, context)
     else:
         instances["nixery"] = UnavailableBackend("nixery", NO_CONTAINER_RUNTIME, context)
+    for name, (variables, table) in original_tack_tables(os.environ).items():
+        try:
+            instances[name] = build(name, table, context)
+        except ConfigError as exc:
+            raise ConfigError(variables, str(exc).split(": ", 1)[1]) from None
     return Backends(instances)
+
+
+def original_tack_tables(env: Mapping[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The backends the original tack's provider variables configure, as
+    tack.toml tables (with the variables to name in an error), so its
+    operators switch without writing a tack.toml."""
+    tables: dict[str, tuple[str, dict[str, Any]]] = {}
+    if env.get("TACK_BUILDKITE_TOKEN"):
+        table: dict[str, Any] = {"type": "buildkite", "token_env": "TACK_BUILDKITE_TOKEN"}
+        if not env.get("TACK_BUILDKITE_ORG"):
+            raise ConfigError("TACK_BUILDKITE_ORG", "is required with TACK_BUILDKITE_TOKEN")
+        table["organization"] = env["TACK_BUILDKITE_ORG"]
+        if env.get("TACK_BUILDKITE_PIPELINE"):
+            table["pipeline"] = env["TACK_BUILDKITE_PIPELINE"]
+        mode = env.get("TACK_BUILDKITE_WEBHOOK_MODE", "token").strip().lower() or "token"
+        if mode not in ("token", "signature"):
+            raise ConfigError(
+                "TACK_BUILDKITE_WEBHOOK_MODE", f"must be token or signature ({mode!r})"
+            )
+        if env.get("TACK_BUILDKITE_WEBHOOK_SECRET"):
+            key = "webhook_token_env" if mode == "token" else "webhook_secret_env"
+            table[key] = "TACK_BUILDKITE_WEBHOOK_SECRET"
+        tables["buildkite"] = ("TACK_BUILDKITE_*", table)
+    if env.get("TACK_TEKTON_ENABLED", "").strip().lower() in ("1", "true", "yes", "on"):
+        namespace = env.get("TACK_TEKTON_NAMESPACE") or "default"
+        tables["tekton"] = ("TACK_TEKTON_*", {"type": "tekton", "namespace": namespace})
+    if env.get("TACK_SOURCEHUT_TOKEN"):
+        table = {"type": "sourcehut", "token_env": "TACK_SOURCEHUT_TOKEN"}
+        if env.get("TACK_SOURCEHUT_INSTANCE"):
+            table["instance"] = env["TACK_SOURCEHUT_INSTANCE"]
+        tables["sourcehut"] = ("TACK_SOURCEHUT_*", table)
+    return tables
 
 
 NO_CONTAINER_RUNTIME = (
@@ -219,6 +346,13 @@ def load(path: str | None, context: Context) -> Backends:
     """The backends ``tack.toml`` configures; with no file, ``default_backends``."""
     if path is None:
         return default_backends(context)
+    ignored = sorted(variables for variables, _ in original_tack_tables(os.environ).values())
+    if ignored:
+        log.warning(
+            "the original tack's provider variables are ignored: TACK_CONFIG configures "
+            "the backends",
+            extra={"variables": ignored},
+        )
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

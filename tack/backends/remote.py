@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +36,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from .. import logs
 from ..workflow import WorkflowError
 from ..worklogs import SYSTEM_STEP, USER_STEP, WorkflowLog
-from . import Backend, Context, Job, Outcome
+from . import Backend, Context, Job, Outcome, provider_options
 from .options import Options
 
 log = logs.get("remote")
@@ -59,6 +62,7 @@ class Unit:
     id: str
     name: str
     done: bool
+    log_url: str | None = None  # where its log is, when the CI says so per unit
 
 
 @dataclass
@@ -109,17 +113,30 @@ class RemoteHttp:
         attempts: int,
         timeout: float,
         backoff: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: how to trust the server (a private CA); default: the system's."""
         self.base_url = base_url.rstrip("/")
         self._headers = headers
         self._attempts = attempts
         self._timeout = timeout
         self._backoff = backoff
+        self._opener = _opener
+        if tls is not None:
+            self._opener = urllib.request.build_opener(
+                _NoCredentialsElsewhere, urllib.request.HTTPSHandler(context=tls)
+            )
 
     def json(
-        self, method: str, path: str, body: Any = None, params: dict | None = None, cancel=None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict | None = None,
+        cancel=None,
+        content_type: str = "application/json",
     ) -> Any:
-        text = self.text(method, path, body, params, cancel)
+        text = self.text(method, path, body, params, cancel, content_type)
         if not text.strip():
             return None
         try:
@@ -128,7 +145,13 @@ class RemoteHttp:
             raise RemoteError(f"malformed response to {method} {path}: not JSON") from None
 
     def text(
-        self, method: str, path: str, body: Any = None, params: dict | None = None, cancel=None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict | None = None,
+        cancel=None,
+        content_type: str = "application/json",
     ) -> str:
         url = self.base_url + path
         if params:
@@ -136,13 +159,13 @@ class RemoteHttp:
         data = None if body is None else json.dumps(body).encode()
         headers = dict(self._headers)
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         where = f"{method} {path}"
 
         def attempt() -> str:
             try:
-                with _opener.open(request, timeout=self._timeout) as response:
+                with self._opener.open(request, timeout=self._timeout) as response:
                     raw = response.read(MAX_RESPONSE + 1)
             except urllib.error.HTTPError as exc:
                 retry_after = _retry_after(exc.headers.get("Retry-After"))
@@ -208,14 +231,19 @@ class RemoteCI(Backend):
         self.attempts = int(options.number("attempts", 5, 1, 100))
         self.request_timeout = options.number("request_timeout", 30, 1, 300)
         self.retry_initial = options.number("retry_initial", 1, 0.01, 60)
+        self._watched: dict[Hashable, threading.Event] = {}  # watch key -> its run's news
+        self._watched_lock = threading.Lock()
 
-    def http(self, base_url: str, headers: dict[str, str]) -> RemoteHttp:
+    def http(
+        self, base_url: str, headers: dict[str, str], tls: ssl.SSLContext | None = None
+    ) -> RemoteHttp:
         return RemoteHttp(
             base_url,
             headers,
             attempts=self.attempts,
             timeout=self.request_timeout,
             backoff=self.retry_initial,
+            tls=tls,
         )
 
     # --- what an adapter implements ---------------------------------------------------
@@ -262,9 +290,38 @@ class RemoteCI(Backend):
         )
         return self._watch(job, workflow_log, dict(job.state))
 
+    def watch_key(self, run: dict[str, Any]) -> Hashable | None:
+        """What a CI's notification names a run by (an adapter that takes
+        notifications says); None: this run is only polled."""
+        return None
+
+    def notify(self, key: Hashable) -> bool:
+        """A CI says the run ``key`` changed: look at it now rather than at
+        the next poll. False when no run of this backend has that key."""
+        with self._watched_lock:
+            news = self._watched.get(key)
+        if news is not None:
+            news.set()
+        return news is not None
+
     def _watch(self, job: Job, workflow_log: WorkflowLog, state: dict) -> Outcome:
+        key = self.watch_key(state["run"])
+        if key is None:
+            return self._follow(job, workflow_log, state)
+        with self._watched_lock:
+            self._watched[key] = job.cancel.news
+        try:
+            return self._follow(job, workflow_log, state)
+        finally:
+            with self._watched_lock:
+                self._watched.pop(key, None)
+
+    def _follow(self, job: Job, workflow_log: WorkflowLog, state: dict) -> Outcome:
         run = state["run"]
         while True:
+            # Cleared before looking, so news that comes while we look
+            # cuts the next wait short instead of being lost.
+            job.cancel.news.clear()
             if job.cancel.is_set():
                 if not job.stopping.is_set():  # a Tangled cancel, not our shutdown
                     self._cancel(job, run)
@@ -286,7 +343,7 @@ class RemoteCI(Backend):
                 return Outcome(
                     "timeout", f"the {self.type_name} run did not finish within {self.timeout:g}s"
                 )
-            job.cancel.wait(self.poll_interval)
+            job.cancel.news.wait(self.poll_interval)
 
     def _cancel(self, job: Job, run: dict) -> None:
         try:
@@ -342,14 +399,12 @@ def items_of(item: Any, key: str) -> list[dict]:
 
 
 def extra_properties(job: Job, key: str) -> dict[str, str]:
-    """Extra values a workflow file gives its CI under ``<key>:``.
+    """Extra values a workflow file gives its CI under ``<key>:`` (or ``tack.<key>``).
 
     ``properties`` (Buildbot), ``variables`` (GitLab) or ``env`` (Buildkite),
     each a mapping of names to values.
     """
-    section = job.spec.document.get(key) or {}
-    if not isinstance(section, dict):
-        raise WorkflowError(f"{key} must be a mapping")
+    section = provider_options(job, key)
     values = section.get("properties") or section.get("variables") or section.get("env") or {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise WorkflowError(f"{key}: properties must be a mapping of names to values")

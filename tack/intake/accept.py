@@ -32,6 +32,7 @@ from ..store import (
     compile_once,
     insert_row,
 )
+from ..workflow import WorkflowError
 from ..worklogs import LogBook
 from .compiler import CompiledWorkflow, Trigger, compile_workflows
 from .fetch import WorkflowFetcher
@@ -211,8 +212,11 @@ class Acceptor:
 
     def _announce(self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow) -> None:
         error = compiled.error
-        if error is None and self._backends.resolve(compiled.engine) is None:
-            error = f'unknown engine "{compiled.engine}"'
+        if error is None:
+            try:
+                self._backends.route(compiled.engine, compiled.raw)
+            except WorkflowError as exc:
+                error = str(exc)
         if error is None:
             statuses.append(row, PENDING)
             return
