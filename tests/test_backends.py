@@ -452,7 +452,15 @@ def test_the_shipped_example_configuration_loads(monkeypatch, tmp_path):
 
     fake_podman(tmp_path)  # the example names podman; only its presence is checked
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    for name in ("TACK_WEBHOOK_SECRET", "GITHUB_TOKEN", "GITLAB_TOKEN", "BUILDKITE_TOKEN"):
+    for name in (
+        "TACK_WEBHOOK_SECRET",
+        "GITHUB_TOKEN",
+        "GITLAB_TOKEN",
+        "BUILDKITE_TOKEN",
+        "BUILDKITE_WEBHOOK_SECRET",
+        "K8S_TOKEN",
+        "SRHT_TOKEN",
+    ):
         monkeypatch.setenv(name, "s")
     example = Path(__file__).resolve().parent.parent / "scripts" / "tack.toml"
     backends = load(str(example), Context("spindle.example.com", dev=False))
@@ -466,6 +474,8 @@ def test_the_shipped_example_configuration_loads(monkeypatch, tmp_path):
         "github",
         "gitlab",
         "buildkite",
+        "tekton",
+        "sourcehut",
     }
     assert backends.resolve("nixery").type_name == "container"
     assert backends.resolve("local") is backends.instances["shell"]

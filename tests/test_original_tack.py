@@ -257,3 +257,20 @@ def test_the_original_provider_variables_configure_backends(tmp_path, jetstream)
     log_text = proc.log_path.read_text()
     for secret in ("bk-api-token", "bk-hook-secret", "srht-token"):
         assert secret not in log_text
+
+
+def test_an_original_workflow_for_a_provider_not_configured_fails_saying_so(serve_repo, knot):
+    spindle = serve_repo()  # shell and dummy only
+    client = EventsClient(spindle.server.port).start()
+    workflows = [
+        ("a.yml", "tack", "engine: tack\ntack:\n  tekton:\n    pipeline: build\n"),
+        ("b.yml", "tack", "engine: tack\ntack: {}\n"),
+        ("c.yml", "tack", "engine: tack\ntack:\n  jenkins: {}\n"),
+    ]
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
+    wait_until(lambda: len(client.frames) == 3, timeout=15, what="three statuses")
+    errors = {f["event"]["workflow"]: f["event"]["error"] for f in client.frames}
+    assert {f["event"]["status"] for f in client.frames} == {"failed"}
+    assert "no tekton backend is configured" in errors["a.yml"]
+    assert "exactly one provider" in errors["b.yml"]
+    assert "'jenkins' is not a provider" in errors["c.yml"]
