@@ -125,6 +125,7 @@ class FakeCI:
     # tack's dialect (engine: tack, tack: {<provider>: …}).
     workflow_raw = "steps: []\n"
     dialect_raw = ""
+    ends_in_timeout = False  # the CI itself stops the run at its end, as out of time
 
     def __init__(
         self, jobs: list[FakeJob] | None = None, tls: ssl.SSLContext | None = None
@@ -183,6 +184,20 @@ class FakeCI:
         )
         self.runs[number] = run
         return run
+
+    # --- the routes most vendors share: create a run, look at it --------------------
+
+    def render(self, run: FakeRun) -> dict:
+        """The run as the vendor's API shows it."""
+        raise NotImplementedError
+
+    def create(self, body, query):
+        return 201, self.render(self.new_run(body)), {}
+
+    def get(self, body, query, number):
+        run = self.runs[int(number)]
+        run.tick()
+        return 200, self.render(run), {}
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -263,7 +278,7 @@ class BuildkiteFake(FakeCI):
     def authorized(self, handler) -> bool:
         return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
 
-    def _build(self, run: FakeRun) -> dict:
+    def render(self, run: FakeRun) -> dict:
         return {
             "id": f"build-{run.number}",
             "number": run.number,
@@ -284,14 +299,6 @@ class BuildkiteFake(FakeCI):
             ],
         }
 
-    def create(self, body, query):
-        return 201, self._build(self.new_run(body)), {}
-
-    def get(self, body, query, number):
-        run = self.runs[int(number)]
-        run.tick()
-        return 200, self._build(run), {}
-
     def log(self, body, query, number, job):
         run = self.runs[int(number)]
         index = int(job.rsplit("-", 1)[1])
@@ -299,7 +306,7 @@ class BuildkiteFake(FakeCI):
 
     def cancel(self, body, query, number):
         self.runs[int(number)].cancelled = True
-        return 200, self._build(self.runs[int(number)]), {}
+        return 200, self.render(self.runs[int(number)]), {}
 
 
 # --- GitLab -------------------------------------------------------------------------------
@@ -325,16 +332,16 @@ class GitLabFake(FakeCI):
     name = "gitlab-ci"
     routes = [
         ("POST", _GL + r"/pipeline", "create"),
-        ("GET", _GL + r"/pipelines/(?P<pid>\d+)", "get"),
-        ("GET", _GL + r"/pipelines/(?P<pid>\d+)/jobs", "jobs"),
+        ("GET", _GL + r"/pipelines/(?P<number>\d+)", "get"),
+        ("GET", _GL + r"/pipelines/(?P<number>\d+)/jobs", "jobs"),
         ("GET", _GL + r"/jobs/(?P<job>\d+)/trace", "trace"),
-        ("POST", _GL + r"/pipelines/(?P<pid>\d+)/cancel", "cancel"),
+        ("POST", _GL + r"/pipelines/(?P<number>\d+)/cancel", "cancel"),
     ]
 
     def authorized(self, handler) -> bool:
         return handler.headers.get("PRIVATE-TOKEN") == TOKEN
 
-    def _pipeline(self, run: FakeRun) -> dict:
+    def render(self, run: FakeRun) -> dict:
         return {
             "id": run.number,
             "status": _GL_PIPELINE[run.outcome],
@@ -342,16 +349,8 @@ class GitLabFake(FakeCI):
             "web_url": f"https://gitlab.com/acme/tangled/-/pipelines/{run.number}",
         }
 
-    def create(self, body, query):
-        return 201, self._pipeline(self.new_run(body)), {}
-
-    def get(self, body, query, pid):
-        run = self.runs[int(pid)]
-        run.tick()
-        return 200, self._pipeline(run), {}
-
-    def jobs(self, body, query, pid):
-        run = self.runs[int(pid)]
+    def jobs(self, body, query, number):
+        run = self.runs[int(number)]
         return (
             200,
             [
@@ -370,9 +369,9 @@ class GitLabFake(FakeCI):
         run = self.runs[int(job) // 100]
         return 200, run.job_log(int(job) % 100).encode(), {"Content-Type": "text/plain"}
 
-    def cancel(self, body, query, pid):
-        self.runs[int(pid)].cancelled = True
-        return 200, self._pipeline(self.runs[int(pid)]), {}
+    def cancel(self, body, query, number):
+        self.runs[int(number)].cancelled = True
+        return 200, self.render(self.runs[int(number)]), {}
 
 
 # --- GitHub Actions ---------------------------------------------------------------------------
@@ -386,11 +385,11 @@ class GitHubFake(FakeCI):
     routes = [
         ("POST", _GH + r"/workflows/ci\.yml/dispatches", "dispatch"),
         ("GET", _GH + r"/workflows/ci\.yml/runs", "list_runs"),
-        ("GET", _GH + r"/runs/(?P<rid>\d+)", "get"),
-        ("GET", _GH + r"/runs/(?P<rid>\d+)/jobs", "jobs"),
+        ("GET", _GH + r"/runs/(?P<number>\d+)", "get"),
+        ("GET", _GH + r"/runs/(?P<number>\d+)/jobs", "jobs"),
         ("GET", _GH + r"/jobs/(?P<job>\d+)/logs", "logs_redirect"),
         ("GET", r"/blob/(?P<job>\d+)", "blob"),
-        ("POST", _GH + r"/runs/(?P<rid>\d+)/cancel", "cancel"),
+        ("POST", _GH + r"/runs/(?P<number>\d+)/cancel", "cancel"),
     ]
 
     def authorized(self, handler) -> bool:
@@ -404,7 +403,7 @@ class GitHubFake(FakeCI):
         self.new_run(body)
         return 204, b"", {}
 
-    def _run_json(self, run: FakeRun) -> dict:
+    def render(self, run: FakeRun) -> dict:
         finished = run.finished
         return {
             "id": run.number,
@@ -416,16 +415,11 @@ class GitHubFake(FakeCI):
         }
 
     def list_runs(self, body, query):
-        runs = [self._run_json(run) for run in self.runs.values()]
+        runs = [self.render(run) for run in self.runs.values()]
         return 200, {"total_count": len(runs), "workflow_runs": runs}, {}
 
-    def get(self, body, query, rid):
-        run = self.runs[int(rid)]
-        run.tick()
-        return 200, self._run_json(run), {}
-
-    def jobs(self, body, query, rid):
-        run = self.runs[int(rid)]
+    def jobs(self, body, query, number):
+        run = self.runs[int(number)]
         jobs = []
         for i, job in enumerate(run.jobs):
             state = run.job_state(i)
@@ -453,8 +447,8 @@ class GitHubFake(FakeCI):
         run = self.runs[int(job) // 100]
         return 200, run.job_log(int(job) % 100).encode(), {"Content-Type": "text/plain"}
 
-    def cancel(self, body, query, rid):
-        self.runs[int(rid)].cancelled = True
+    def cancel(self, body, query, number):
+        self.runs[int(number)].cancelled = True
         return 202, {}, {}
 
 
@@ -486,7 +480,7 @@ class TektonFake(FakeCI):
     def authorized(self, handler) -> bool:
         return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
 
-    def _pipeline_run(self, run: FakeRun) -> dict:
+    def render(self, run: FakeRun) -> dict:
         name = f"tack-run{run.number}"
         condition = {
             "queued": None,
@@ -495,6 +489,8 @@ class TektonFake(FakeCI):
             "failed": ("False", "Failed"),
             "cancelled": ("False", "Cancelled"),
         }[run.outcome]
+        if self.ends_in_timeout and run.finished and not run.cancelled:
+            condition = ("False", "PipelineRunTimeout")
         status: dict = {
             "childReferences": [
                 {
@@ -526,19 +522,14 @@ class TektonFake(FakeCI):
 
     def create(self, body, query):
         assert body["apiVersion"] == "tekton.dev/v1" and body["kind"] == "PipelineRun"
-        return 201, self._pipeline_run(self.new_run(body)), {}
-
-    def get(self, body, query, number):
-        run = self.runs[int(number)]
-        run.tick()
-        return 200, self._pipeline_run(run), {}
+        return super().create(body, query)
 
     def patch(self, body, query, number):
         if self.headers[-1].get("Content-Type") != "application/merge-patch+json":
             return 415, {"kind": "Status", "code": 415}, {}
         if body == {"spec": {"status": "Cancelled"}}:
             self.runs[int(number)].cancelled = True
-        return 200, self._pipeline_run(self.runs[int(number)]), {}
+        return 200, self.render(self.runs[int(number)]), {}
 
     def task_run(self, body, query, number, index):
         run, i = self.runs[int(number)], int(index)
@@ -618,13 +609,15 @@ class SourcehutFake(FakeCI):
             if run is None:
                 return 200, {"errors": [{"message": "no such job"}], "data": {"job": None}}, {}
             run.tick()
-            return 200, {"data": {"job": self._job(run)}}, {}
+            return 200, {"data": {"job": self.render(run)}}, {}
         return 200, {"errors": [{"message": "unknown query"}], "data": None}, {}
 
-    def _job(self, run: FakeRun) -> dict:
+    def render(self, run: FakeRun) -> dict:
         return {
             "id": run.number,
-            "status": _SRHT_JOB[run.outcome],
+            "status": "TIMEOUT"
+            if self.ends_in_timeout and run.finished and not run.cancelled
+            else _SRHT_JOB[run.outcome],
             "tasks": [
                 {
                     "name": job.name,

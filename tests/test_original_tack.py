@@ -23,7 +23,7 @@ import pytest
 from tack import config
 from tack.config import ConfigError
 
-from .ci_fakes import TOKEN, BuildkiteFake, TektonFake, backend_config, self_signed_tls
+from .ci_fakes import FAKES, TOKEN, BuildkiteFake, TektonFake, backend_config, self_signed_tls
 from .spindle_clients import EventsClient
 from .standins import HOSTNAME, OWNER, TackProcess, push_pipeline, tack_env, wait_until
 
@@ -143,6 +143,26 @@ def test_signatures_stale_wrong_and_replayed_change_nothing(hooked, buildkite):
     assert deliver(spindle, body, genuine) == (401, {"error": "Unauthorized"}), "a replay"
     time.sleep(0.5)
     assert build_reads(buildkite) == after
+
+
+# --- the CI's own timeout -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["tekton", "sourcehut"])
+def test_a_run_the_ci_itself_timed_out_ends_as_timeout(serve_repo, knot, monkeypatch, provider):
+    fake = FAKES[provider]()
+    fake.ends_in_timeout = True
+    try:
+        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
+        spindle = serve_repo(backend_config(fake))
+        client = EventsClient(spindle.server.port).start()
+        workflows = [("ci.yml", "ci", fake.workflow_raw)]
+        knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
+        wait_until(lambda: client.statuses()[-1:] == ["timeout"], timeout=30)
+        error = client.frames[-1]["event"]["error"]
+        assert ("PipelineRunTimeout" in error) if provider == "tekton" else ("timeout" in error)
+    finally:
+        fake.close()
 
 
 # --- Tekton from inside a cluster ----------------------------------------------------------

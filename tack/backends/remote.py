@@ -127,16 +127,9 @@ class RemoteHttp:
                 _NoCredentialsElsewhere, urllib.request.HTTPSHandler(context=tls)
             )
 
-    def json(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        params: dict | None = None,
-        cancel=None,
-        content_type: str = "application/json",
-    ) -> Any:
-        text = self.text(method, path, body, params, cancel, content_type)
+    def json(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        """``text``'s answer as JSON (None when empty); the same arguments."""
+        text = self.text(method, path, *args, **kwargs)
         if not text.strip():
             return None
         try:

@@ -244,9 +244,9 @@ def _outcome(status: dict, units: list[Unit], failed_step: dict) -> Snapshot:
     if state != "False":
         return Snapshot("pending" if reason in _PENDING else "running", units)
     if reason == "PipelineRunTimeout":
-        return Snapshot("timeout", units, f"Tekton: {message}")
+        return Snapshot("timeout", units, f"Tekton {reason}: {message}")
     if reason in _CANCELLED:
-        return Snapshot("cancelled", units, f"Tekton: {message}")
+        return Snapshot("cancelled", units, f"Tekton {reason}: {message}")
     where = f" (step {failed_step['name']})" if failed_step else ""
     return Snapshot(
         "failed", units, f"Tekton {reason}{where}: {message}", failed_step.get("exit_code")
