@@ -8,6 +8,7 @@ reconnect resumes from what was actually processed.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -171,7 +172,8 @@ class Follower:
         self._open_socket = open_socket
         self._give_up_on = give_up_on
         self._on_disconnect = on_disconnect
-        self._ws: websocket.WebSocket | None = None
+        self._ws: websocket.WebSocket | None = None  # the connection, once it is open
+        self._opening: websocket.WebSocket | None = None  # one still in its handshake
         self.connections = 0
         self.frames = 0
         self.last_frame_at: float | None = None  # monotonic
@@ -199,10 +201,17 @@ class Follower:
         return self._ws is not None
 
     def close(self) -> None:
-        """Abort the current connection (used when a knot is released)."""
+        """Abort the current connection (used when a knot is released, and at
+        stop), or the one being opened: a peer that never finishes the
+        handshake must not hold a stop for the connect timeout."""
         ws = self._ws
         if ws is not None:
             ws.abort()
+        opening = self._opening
+        raw = opening.sock if opening is not None else None
+        if raw is not None:
+            with contextlib.suppress(OSError):  # already gone: nothing to wake
+                raw.shutdown(socket.SHUT_RDWR)
 
     def _retrying(self) -> Retrying:
         return retry.until_stopped(
@@ -245,7 +254,14 @@ class Follower:
             # so what was checked is exactly what we talk to.
             options["socket"] = self._open_socket(url)
         ws = BoundedWebSocket(on_oversized=self._log_oversized)
-        ws.connect(url, timeout=CONNECT_TIMEOUT, **options)
+        self._opening = ws
+        try:
+            ws.connect(url, timeout=CONNECT_TIMEOUT, **options)
+        except BaseException:
+            ws.shutdown()  # its socket, if it got one, is not left open
+            raise
+        finally:
+            self._opening = None
         self._ws = ws
         self.connections += 1
         started = time.monotonic()
@@ -260,7 +276,10 @@ class Follower:
             reason = _describe(exc)
         finally:
             self._ws = None
-            ws.abort()
+            # Closed, not only shut down: websocket-client's abort() leaves the
+            # descriptor open (and does nothing once it saw the peer's close),
+            # which leaked one socket per reconnect, half-open in CLOSE-WAIT.
+            ws.shutdown()
             if self._on_disconnect:
                 self._on_disconnect()
         if self._stop.is_set():

@@ -318,6 +318,30 @@ def test_replaying_the_stream_is_idempotent(jetstream, make_spindle, clock):
     assert db_rows(spindle.config.db_path) == once
 
 
+def _sockets_to(port: int) -> list[str]:
+    """The TCP states (/proc/net/tcp, hex codes) of this host's connections to ``port``."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == port:
+            states.append(fields[3])
+    return states
+
+
+def test_reconnects_close_the_old_socket(jetstream, make_spindle, clock):
+    spindle = make_spindle()
+    send_and_wait(jetstream, spindle, *_mixed_stream(clock, 10))
+    for connections in range(2, 5):
+        jetstream.drop()
+        wait_until(lambda n=connections: len(jetstream.subscriptions) == n, what="reconnect")
+
+    def held() -> list[str]:
+        # TIME_WAIT (06) holds no descriptor; CLOSE_WAIT (08) is a socket tack never closed.
+        return [state for state in _sockets_to(jetstream.port) if state != "06"]
+
+    wait_until(lambda: held() == ["01"], timeout=5, what="one live socket and no other")
+
+
 def test_reconnect_resumes_five_seconds_before_the_saved_cursor(jetstream, make_spindle, clock):
     spindle = make_spindle()
     events = _mixed_stream(clock, 50)

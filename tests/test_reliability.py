@@ -397,3 +397,24 @@ def test_a_quiet_peer_that_answers_pings_keeps_its_connection():
     finally:
         stop.set()
         follower.close()
+
+
+def test_stop_is_not_held_by_a_peer_that_never_answers_the_handshake(make_spindle):
+    """A jetstream that accepts the connection and then says nothing: tack's
+    stop aborts the handshake instead of waiting out the connect timeout."""
+    from tack.stream import CONNECT_TIMEOUT
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}/subscribe"
+        spindle = make_spindle(SPINDLE_SERVER_JETSTREAM_ENDPOINT=url)
+        wait_until(lambda: accepted, what="tack's connection")
+        started = time.monotonic()
+        spindle.stop()
+        assert time.monotonic() - started < CONNECT_TIMEOUT / 2
+    finally:
+        silent.close()
+        for connection in accepted:
+            connection.close()
