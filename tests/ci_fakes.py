@@ -580,8 +580,12 @@ class SourcehutFake(FakeCI):
     routes = [
         ("POST", r"/query", "graphql"),
         ("GET", r"/logs/(?P<number>\d+)/(?P<index>\d+)", "log"),
+        ("GET", r"/elsewhere/(?P<number>\d+)/(?P<index>\d+)", "log"),
     ]
     malformed_methods = ("GET", "POST")
+    # Log URLs on another host ("localhost" is another host than 127.0.0.1 to
+    # the client), which must not be handed the API token.
+    logs_elsewhere = False
     workflow_raw = "sourcehut:\n  manifest: |\n" + "".join(
         f"    {line}\n" for line in SRHT_MANIFEST.splitlines()
     )
@@ -593,6 +597,8 @@ class SourcehutFake(FakeCI):
     )
 
     def authorized(self, handler) -> bool:
+        if handler.path.startswith("/elsewhere/"):
+            return "Authorization" not in handler.headers
         return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
 
     def graphql(self, body, query):
@@ -622,11 +628,16 @@ class SourcehutFake(FakeCI):
                 {
                     "name": job.name,
                     "status": _SRHT_TASK[run.job_state(i)],
-                    "log": {"fullURL": f"{self.url}/logs/{run.number}/{i}"},
+                    "log": {"fullURL": self._log_url(run.number, i)},
                 }
                 for i, job in enumerate(run.jobs)
             ],
         }
+
+    def _log_url(self, number: int, index: int) -> str:
+        if self.logs_elsewhere:
+            return f"http://localhost:{self.server.server_address[1]}/elsewhere/{number}/{index}"
+        return f"{self.url}/logs/{number}/{index}"
 
     def log(self, body, query, number, index):
         return (

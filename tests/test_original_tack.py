@@ -23,8 +23,16 @@ import pytest
 from tack import config
 from tack.config import ConfigError
 
-from .ci_fakes import FAKES, TOKEN, BuildkiteFake, TektonFake, backend_config, self_signed_tls
-from .spindle_clients import EventsClient
+from .ci_fakes import (
+    FAKES,
+    TOKEN,
+    BuildkiteFake,
+    SourcehutFake,
+    TektonFake,
+    backend_config,
+    self_signed_tls,
+)
+from .spindle_clients import EventsClient, read_log
 from .standins import HOSTNAME, OWNER, TackProcess, push_pipeline, tack_env, wait_until
 
 SHA = "c0ffee" + "0" * 34
@@ -161,6 +169,26 @@ def test_a_run_the_ci_itself_timed_out_ends_as_timeout(serve_repo, knot, monkeyp
         wait_until(lambda: client.statuses()[-1:] == ["timeout"], timeout=30)
         error = client.frames[-1]["event"]["error"]
         assert ("PipelineRunTimeout" in error) if provider == "tekton" else ("timeout" in error)
+    finally:
+        fake.close()
+
+
+# --- sourcehut's log URLs ---------------------------------------------------------------------
+
+
+def test_sourcehut_sends_its_token_to_no_log_host_but_its_own(serve_repo, knot, monkeypatch):
+    fake = SourcehutFake()
+    fake.logs_elsewhere = True  # the fake refuses (401) a log request that carries the token
+    try:
+        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
+        spindle = serve_repo(backend_config(fake))
+        client = EventsClient(spindle.server.port).start()
+        workflows = [("ci.yml", "ci", fake.workflow_raw)]
+        rkey = knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
+        wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
+        lines = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
+        assert "1 passed" in [line["content"] for line in lines]
+        assert any(path.startswith("/elsewhere/") for _, _, path in fake.requests)
     finally:
         fake.close()
 

@@ -53,6 +53,11 @@ class Options:
         return float(value)
 
     def argv(self, key: str, *, required: bool = False) -> list[str]:
+        """A command and its arguments."""
+        return self.strings(key, required=required, example='["bwrap", "--die-with-parent"]')
+
+    def strings(self, key: str, *, required: bool = False, example: str = "") -> list[str]:
+        """A non-empty list of non-empty strings; [] when absent."""
         value = self._value(key, required)
         if value is None:
             return []
@@ -61,7 +66,9 @@ class Options:
             or not value
             or not all(isinstance(v, str) and v for v in value)
         ):
-            raise self.fail(key, 'must be a list of strings, e.g. ["bwrap", "--die-with-parent"]')
+            raise self.fail(
+                key, "must be a list of strings" + (f", e.g. {example}" if example else "")
+            )
         return list(value)
 
     def url(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:

@@ -12,9 +12,10 @@ https://git.sr.ht/~sircmpwn/builds.sr.ht/tree/master/item/api/graph/schema.graph
   lines come from each task's ``log.fullURL``;
 - ``cancel(jobId)`` on a Tangled cancel; resume by the saved job id.
 
-The token is sent to the instance, and to a log URL only on the instance's
-own site (its host or a sibling such as logs.sr.ht beside builds.sr.ht): a
-log URL is data from the API, not a place to hand credentials.
+The token is sent to the instance's host, and to a log URL only on that
+host or one the operator lists in ``log_hosts`` (logs.sr.ht for
+builds.sr.ht): a log URL is data from the API, not a place to hand
+credentials.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class SourcehutBackend(RemoteCI):
         super().__init__(name, options, context)
         self.token_env = options.env_name("token_env", required=True)
         self.instance = options.url("instance", "https://builds.sr.ht")
+        own_host = urlsplit(self.instance).hostname or ""
+        default_log_hosts = ["logs.sr.ht"] if own_host == "builds.sr.ht" else []
+        log_hosts = options.strings("log_hosts") or default_log_hosts
+        self.token_hosts = frozenset([own_host, *(host.lower() for host in log_hosts)])
 
     def _query(self, job: Job, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         """A GraphQL call; its ``data``, or RemoteError with the API's words."""
@@ -129,18 +134,12 @@ class SourcehutBackend(RemoteCI):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RemoteError("malformed answer: a task's log URL is not an http(s) URL")
         headers = {}
-        if self._same_site(parts.hostname):
+        if parts.hostname in self.token_hosts:
             headers["Authorization"] = f"Bearer {credential(self.token_env)}"
         origin = f"{parts.scheme}://{parts.netloc}"
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         text = self.http(origin, headers).text("GET", path or "/", cancel=job.cancel)
         return new_lines(text, offset, unit.done)
-
-    def _same_site(self, host: str) -> bool:
-        """The instance's host, or a host beside it (logs.sr.ht for builds.sr.ht)."""
-        own = urlsplit(self.instance).hostname or ""
-        parent = own.split(".", 1)[1] if own.count(".") >= 2 else own
-        return host == own or host.endswith("." + parent)
 
     def cancel_remote(self, job: Job, run: dict[str, Any]) -> None:
         self._query(job, _CANCEL, {"id": run["job"]})
