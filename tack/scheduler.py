@@ -290,7 +290,7 @@ class Scheduler:
             return Outcome("failed", str(exc))
         self._routed[workflow.id] = backend.name
         try:
-            job = self._job(workflow, pipeline, secrets, cancel)
+            job = self._job(workflow, pipeline, record, secrets, cancel)
         except WorkflowError as exc:
             workflow_log.error(str(exc), "workflow file")
             return Outcome("failed", str(exc))
@@ -309,8 +309,7 @@ class Scheduler:
             workflow_log.error(workflow_log.mask(error))
             return Outcome("failed", workflow_log.mask(error))
 
-    def _job(self, workflow, pipeline, secrets, cancel) -> Job:
-        record = json.loads(pipeline.record)
+    def _job(self, workflow, pipeline, record, secrets, cancel) -> Job:
         entry = next(w for w in record["workflows"] if w["name"] == workflow.name)
         uri = pipeline.at_uri
 
