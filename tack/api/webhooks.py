@@ -104,7 +104,7 @@ class BuildkiteWebhooks:
         raise Refused(reason)
 
     def _check_signature(self, backend: BuildkiteBackend, header: str, body: bytes) -> None:
-        parts = dict(part.partition("=")[::2] for part in header.split(","))
+        parts = dict(part.strip().partition("=")[::2] for part in header.split(",", 4))
         timestamp, given = parts.get("timestamp", ""), parts.get("signature", "")
         if not timestamp.isdigit() or len(timestamp) > 12 or not given:
             raise Refused("malformed X-Buildkite-Signature")
