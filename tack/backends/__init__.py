@@ -1,6 +1,8 @@
 """Backends: where a workflow actually runs.
 
-A workflow's ``engine:`` names a backend instance the operator configured.
+A workflow's ``engine:`` names a backend instance the operator configured,
+or, in the original tack's dialect, says ``engine: tack`` and names the
+backend's type as the single key of a ``tack:`` block (``Backends.route``).
 Adding a CI is one module here: subclass ``Backend``, implement ``run`` (and
 ``resume`` if the remote run survives a tack restart), and register the class
 in ``TYPES``. The scheduler owns statuses; a backend only reports log lines
