@@ -192,17 +192,21 @@ class Scheduler:
     # --- workers ------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        claimed: tuple[Workflow, bool] | None = None
         while not self._stop.is_set():
             try:
-                claimed = self._claim()
+                claimed = claimed or self._claim()
                 if claimed is None:
                     with self._work:
                         self._work.wait(1.0)
                     continue
-                self._execute(*claimed)
+                # The transaction that ends a workflow also claims the next
+                # one: one status transaction per workflow instead of two.
+                claimed = self._execute(*claimed)
             except Exception:
                 # The workflow, if any, stays running and is resolved on the
                 # next start; the worker itself carries on.
+                claimed = None
                 log.exception("worker failed")
                 self._stop.wait(1.0)
 
@@ -223,20 +227,31 @@ class Scheduler:
 
         def attempt() -> Workflow | None:
             with self._statuses.writing() as statuses:
-                workflow = next_pending_workflow()
-                if workflow is None:
-                    return None
-                statuses.append(workflow, RUNNING)
-                self._cancels[workflow.id] = CancelFlag()
-                return workflow
+                return self._claim_next(statuses)
 
-        workflow = self._with_retry(attempt)
-        return None if workflow is None else (workflow, False)
+        return self._claimed(self._with_retry(attempt))
 
-    def _execute(self, workflow: Workflow, resume: bool) -> None:
+    @staticmethod
+    def _claim_next(statuses: StatusLog) -> Workflow | None:
+        """Inside a status transaction: the oldest pending workflow, now running."""
+        workflow = next_pending_workflow()
+        if workflow is not None:
+            statuses.append(workflow, RUNNING)
+        return workflow
+
+    def _claimed(self, workflow: Workflow | None) -> tuple[Workflow, bool] | None:
+        """A claim that committed; its cancel flag is made only now, so a
+        transaction retried or rolled back leaves none behind."""
+        if workflow is None:
+            return None
+        self._cancels[workflow.id] = CancelFlag()
+        return workflow, False
+
+    def _execute(self, workflow: Workflow, resume: bool) -> tuple[Workflow, bool] | None:
         """Run a claimed workflow and write its final status, whatever happens
         on the way (invariant 4): only a transient store error, retried in
-        place, or our own shutdown keeps it from ending now."""
+        place, or our own shutdown keeps it from ending now. Returns the next
+        workflow, claimed in the same transaction, when there was one."""
         cancel = self._cancels[workflow.id]
         started = time.monotonic()
         try:
@@ -244,16 +259,22 @@ class Scheduler:
         except Exception as exc:
             if self._stop.is_set() and is_transient(exc):
                 self._cancels.pop(workflow.id, None)
-                return  # left running: the next start resumes or ends it
+                return None  # left running: the next start resumes or ends it
             log.exception("workflow could not be run", extra=_ids(workflow))
             outcome = Outcome("failed", f"tack could not run this workflow: {_describe(exc)}")
         try:
             # A run stopped by our own shutdown is not the user's cancel: it
             # stays running and the next start resumes or fails it.
-            if not (self._stopping.is_set() and outcome.status == "cancelled"):
-                status = self._finish(workflow, outcome)
+            if self._stopping.is_set() and outcome.status == "cancelled":
+                return None
+            status, following = self._finish(workflow, outcome)
+            claimed = self._claimed(following)  # committed: it must reach this worker
+            try:
                 backend = self._routed.get(workflow.id)
                 self._on_finished(workflow, status, time.monotonic() - started, backend)
+            except Exception:
+                log.exception("after a workflow ended", extra=_ids(workflow))
+            return claimed
         finally:
             self._cancels.pop(workflow.id, None)
             self._routed.pop(workflow.id, None)
@@ -334,16 +355,20 @@ class Scheduler:
             save_state=save_state,
         )
 
-    def _finish(self, workflow: Workflow, outcome: Outcome) -> str:
-        """Write the final status; which one it was."""
+    def _finish(self, workflow: Workflow, outcome: Outcome) -> tuple[str, Workflow | None]:
+        """Write the final status and, in the same transaction, claim the next
+        pending workflow (none while resumed ones wait, since they go first,
+        or while stopping); which status it was, and that workflow."""
         status = outcome.status if outcome.status in FINAL else "failed"
 
-        def attempt() -> None:
+        def attempt() -> Workflow | None:
             with self._statuses.writing() as statuses:
                 statuses.append(workflow, status, outcome.error, outcome.exit_code)
+                if self._stop.is_set() or self._resumable:
+                    return None
+                return self._claim_next(statuses)
 
-        self._with_retry(attempt)
-        return status
+        return status, self._with_retry(attempt)
 
     def _with_retry(self, operation):
         return retry.store_writes(self._stop, log, "store busy, retrying")(operation)

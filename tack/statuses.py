@@ -65,8 +65,19 @@ _INSERT_EVENT = compile_once(
 
 
 def rfc3339(ns: int) -> str:
-    moment = datetime.fromtimestamp(ns / 1e9, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}Z"
+    """``ns`` (unix nanoseconds) as RFC 3339 UTC with microseconds. Called for
+    every status and log line: the part up to the second is made once per
+    second, not per call."""
+    global _second_prefix
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    cached_seconds, prefix = _second_prefix  # one tuple: replaced whole, read whole
+    if seconds != cached_seconds:
+        prefix = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_prefix = (seconds, prefix)
+    return f"{prefix}{fraction // 1000:06d}Z"
+
+
+_second_prefix: tuple[int | None, str] = (None, "")
 
 
 # How many of the newest events are kept in memory, already encoded for the
