@@ -231,21 +231,21 @@ class Scheduler:
 
         return self._claimed(self._with_retry(attempt))
 
-    @staticmethod
-    def _claim_next(statuses: StatusLog) -> Workflow | None:
-        """Inside a status transaction: the oldest pending workflow, now running."""
+    def _claim_next(self, statuses: StatusLog) -> Workflow | None:
+        """Inside a status transaction: the oldest pending workflow, now running.
+
+        Its cancel flag is made under the status lock, before the commit: a
+        cancel (which takes that lock) can then never fall between the
+        commit and the flag and leave the run untold."""
         workflow = next_pending_workflow()
         if workflow is not None:
             statuses.append(workflow, RUNNING)
+            self._cancels[workflow.id] = CancelFlag()
         return workflow
 
-    def _claimed(self, workflow: Workflow | None) -> tuple[Workflow, bool] | None:
-        """A claim that committed; its cancel flag is made only now, so a
-        transaction retried or rolled back leaves none behind."""
-        if workflow is None:
-            return None
-        self._cancels[workflow.id] = CancelFlag()
-        return workflow, False
+    @staticmethod
+    def _claimed(workflow: Workflow | None) -> tuple[Workflow, bool] | None:
+        return None if workflow is None else (workflow, False)
 
     def _execute(self, workflow: Workflow, resume: bool) -> tuple[Workflow, bool] | None:
         """Run a claimed workflow and write its final status, whatever happens
