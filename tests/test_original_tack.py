@@ -193,6 +193,27 @@ def test_sourcehut_sends_its_token_to_no_log_host_but_its_own(serve_repo, knot, 
         fake.close()
 
 
+def test_a_sourcehut_manifest_with_yaml_aliases_is_refused_unsubmitted(
+    serve_repo, knot, monkeypatch
+):
+    fake = SourcehutFake()
+    try:
+        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
+        spindle = serve_repo(backend_config(fake))
+        client = EventsClient(spindle.server.port).start()
+        bomb = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"
+        raw = "engine: tack\ntack:\n  sourcehut:\n    manifest: |\n" + "".join(
+            f"      {line}\n" for line in bomb.splitlines()
+        )
+        workflows = [("ci.yml", "tack", raw)]
+        knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
+        wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
+        assert "aliases" in client.frames[-1]["event"]["error"]
+        assert not fake.runs, "nothing was submitted"
+    finally:
+        fake.close()
+
+
 # --- Tekton from inside a cluster ----------------------------------------------------------
 
 

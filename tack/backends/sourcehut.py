@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..workflow import WorkflowError
+from ..workflow import WorkflowError, load_document
 from . import Context, Job, provider_options
 from .options import Options
 from .remote import RemoteCI, RemoteError, Snapshot, Unit, credential, field_of, new_lines
@@ -161,12 +161,12 @@ def _manifest(job: Job, manifest: Any) -> str:
     if not isinstance(manifest, str) or not manifest.strip():
         raise WorkflowError("sourcehut needs a build manifest: tack.sourcehut.manifest")
     try:
-        document = yaml.load(manifest, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise WorkflowError(f"tack.sourcehut.manifest is not valid YAML: {exc}") from None
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise WorkflowError(f"tack.sourcehut.manifest: {type(exc).__name__}") from None
-    if not isinstance(document, dict):
+        # The workflow file's own guards: size, no aliases (a few hundred
+        # bytes of nested ones expand to gigabytes), the safe loader.
+        document = load_document(manifest)[0]
+    except WorkflowError as exc:
+        raise WorkflowError(f"tack.sourcehut.manifest: {exc}") from None
+    if not document:
         raise WorkflowError("tack.sourcehut.manifest must be a mapping (image, tasks, …)")
     own = document.get("environment") or {}
     if not isinstance(own, dict):
