@@ -76,7 +76,6 @@ class Scheduler:
         self._work = threading.Condition()
         self._resumable: deque[int] = deque()
         self._cancels: dict[int, CancelFlag] = {}
-        self._routed: dict[int, str] = {}  # workflow id -> the backend it runs on
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()  # tack is shutting down (not a user cancel)
 
@@ -254,8 +253,9 @@ class Scheduler:
         workflow, claimed in the same transaction, when there was one."""
         cancel = self._cancels[workflow.id]
         started = time.monotonic()
+        backend: str | None = None
         try:
-            outcome = self._outcome(workflow, cancel, resume)
+            outcome, backend = self._outcome(workflow, cancel, resume)
         except Exception as exc:
             if self._stop.is_set() and is_transient(exc):
                 self._cancels.pop(workflow.id, None)
@@ -270,46 +270,57 @@ class Scheduler:
             status, following = self._finish(workflow, outcome)
             claimed = self._claimed(following)  # committed: it must reach this worker
             try:
-                backend = self._routed.get(workflow.id)
                 self._on_finished(workflow, status, time.monotonic() - started, backend)
             except Exception:
                 log.exception("after a workflow ended", extra=_ids(workflow))
             return claimed
         finally:
             self._cancels.pop(workflow.id, None)
-            self._routed.pop(workflow.id, None)
 
-    def _outcome(self, workflow: Workflow, cancel: threading.Event, resume: bool) -> Outcome:
+    def _outcome(
+        self, workflow: Workflow, cancel: threading.Event, resume: bool
+    ) -> tuple[Outcome, str | None]:
+        """How the workflow ended, and the name of the backend it ran on
+        (None when it had none)."""
         pipeline = self._with_retry(lambda: pipeline_by_key(workflow.knot, workflow.rkey))
         if pipeline is None:
             raise LookupError(f"pipeline {workflow.knot}/{workflow.rkey} is not stored")
         secrets = self._with_retry(lambda: self._secrets_for(pipeline))
         workflow_log = self._logbook.open(workflow.id, secrets.values())
         try:
-            return self._run(workflow, pipeline, secrets, cancel, workflow_log, resume)
+            record = json.loads(pipeline.record)
+            try:
+                backend = self._route(workflow, record)
+            except WorkflowError as exc:
+                workflow_log.error(str(exc))
+                return Outcome("failed", str(exc)), None
+            outcome = self._run(
+                workflow, pipeline, record, backend, secrets, cancel, workflow_log, resume
+            )
+            return outcome, backend.name
         finally:
             workflow_log.close()
 
+    def _route(self, workflow: Workflow, record: dict | None) -> Backend:
+        """The backend of a workflow of ``record`` (the original tack's
+        dialect needs its file); WorkflowError saying why there is none."""
+        raw = None if record is None else _raw_of(record, workflow.name)
+        return self._backends.route(workflow.engine, raw)
+
     def _backend_of(self, workflow: Workflow) -> Backend | None:
-        """The backend a stored workflow was routed to (the original tack's
-        dialect needs its file); None when it has none now."""
-        raw = None
-        if workflow.engine == DIALECT_ENGINE:
+        """At start: the backend a stored workflow runs on, None when it has none now."""
+        record = None
+        if workflow.engine == DIALECT_ENGINE:  # only then is the file needed
             pipeline = pipeline_by_key(workflow.knot, workflow.rkey)
-            raw = None if pipeline is None else _raw_of(json.loads(pipeline.record), workflow.name)
+            record = None if pipeline is None else json.loads(pipeline.record)
         try:
-            return self._backends.route(workflow.engine, raw)
+            return self._route(workflow, record)
         except WorkflowError:
             return None
 
-    def _run(self, workflow, pipeline, secrets, cancel, workflow_log, resume) -> Outcome:
-        record = json.loads(pipeline.record)
-        try:
-            backend = self._backends.route(workflow.engine, _raw_of(record, workflow.name))
-        except WorkflowError as exc:
-            workflow_log.error(str(exc))
-            return Outcome("failed", str(exc))
-        self._routed[workflow.id] = backend.name
+    def _run(
+        self, workflow, pipeline, record, backend, secrets, cancel, workflow_log, resume
+    ) -> Outcome:
         try:
             job = self._job(workflow, pipeline, record, secrets, cancel)
         except WorkflowError as exc:

@@ -204,12 +204,9 @@ class Follower:
         """Abort the current connection (used when a knot is released, and at
         stop), or the one being opened: a peer that never finishes the
         handshake must not hold a stop for the connect timeout."""
-        ws = self._ws
-        if ws is not None:
-            ws.abort()
-        opening = self._opening
-        raw = opening.sock if opening is not None else None
-        if raw is not None:
+        ws = self._ws or self._opening
+        raw = ws.sock if ws is not None else None
+        if raw is not None:  # shut down, not closed: the reading thread closes it
             with contextlib.suppress(OSError):  # already gone: nothing to wake
                 raw.shutdown(socket.SHUT_RDWR)
 

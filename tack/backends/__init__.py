@@ -202,13 +202,6 @@ class Backends:
             raise WorkflowError(f"engine tack: no {kind} backend is configured on this spindle")
         return candidates[0]
 
-    def route_name(self, engine: str, raw: str | None) -> str | None:
-        """The name of ``route``'s backend; None when there is none."""
-        try:
-            return self.route(engine, raw).name
-        except WorkflowError:
-            return None
-
 
 def dialect_provider(document: dict[str, Any]) -> str:
     """The backend type a ``tack:`` block names: its single key."""

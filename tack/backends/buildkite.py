@@ -75,11 +75,14 @@ class BuildkiteBackend(RemoteCI):
     def _api(self):
         return self.http(self.api_url, {"Authorization": f"Bearer {credential(self.token_env)}"})
 
+    def _pipeline_in(self, run: dict[str, Any]) -> str:
+        """The run's pipeline (runs saved before pipelines could be named per
+        workflow are on the configured one)."""
+        return run.get("pipeline") or self.pipeline or ""
+
     def _builds(self, run: dict[str, Any]) -> str:
-        """The builds of the run's pipeline (runs saved before pipelines could
-        be named per workflow are on the configured one)."""
         org = quote(self.organization, safe="")
-        pipeline = quote(run.get("pipeline") or self.pipeline or "", safe="")
+        pipeline = quote(self._pipeline_in(run), safe="")
         return f"/v2/organizations/{org}/pipelines/{pipeline}/builds"
 
     def _pipeline_of(self, job: Job) -> str:
@@ -95,7 +98,7 @@ class BuildkiteBackend(RemoteCI):
         return pipeline
 
     def watch_key(self, run: dict[str, Any]) -> tuple[str, int]:
-        return (run.get("pipeline") or self.pipeline or "", run["number"])
+        return (self._pipeline_in(run), run["number"])
 
     def trigger(self, job: Job) -> dict[str, Any]:
         env = job.env
