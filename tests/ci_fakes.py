@@ -52,7 +52,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from .spindle_clients import EventsClient
+from .standins import OWNER, push_pipeline
+
 TOKEN = "ci-api-token-123"
+SHA = "c0ffee" + "0" * 34  # the commit the tests push
+
+
+def push_workflow(spindle, knot, raw: str, engine: str = "ci") -> tuple[EventsClient, str]:
+    """Push one workflow ``ci.yml`` to ``spindle`` through ``knot``: an /events
+    client that saw it from the start, and the pipeline's rkey."""
+    client = EventsClient(spindle.server.port).start()
+    record = push_pipeline(knot.name, OWNER, "hello", [("ci.yml", engine, raw)], sha=SHA)
+    return client, knot.send_pipeline(record)
 
 
 @dataclass

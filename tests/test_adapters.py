@@ -16,11 +16,18 @@ import pytest
 
 from tack.store import Workflow
 
-from .ci_fakes import FAKES, TOKEN, FakeJob, Fault, backend_config, sent_values
+from .ci_fakes import (
+    FAKES,
+    SHA,
+    TOKEN,
+    FakeJob,
+    Fault,
+    backend_config,
+    push_workflow,
+    sent_values,
+)
 from .spindle_clients import EventsClient, read_log
-from .standins import OWNER, push_pipeline, wait_until
-
-SHA = "c0ffee" + "0" * 34
+from .standins import wait_until
 
 
 @pytest.fixture(params=sorted(FAKES))
@@ -36,20 +43,12 @@ def ci_tack(serve_repo, ci, monkeypatch):
     return serve_repo(backend_config(ci))
 
 
-def start(spindle, knot, raw, engine="ci"):
-    client = EventsClient(spindle.server.port).start()
-    rkey = knot.send_pipeline(
-        push_pipeline(knot.name, OWNER, "hello", [("ci.yml", engine, raw)], sha=SHA)
-    )
-    return client, rkey
-
-
 def log_of(spindle, knot, rkey):
     return read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
 
 
 def test_success_with_jobs_as_steps_and_the_run_linked(ci_tack, ci, knot):
-    client, rkey = start(ci_tack, knot, ci.workflow_raw)
+    client, rkey = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
     assert client.statuses() == ["pending", "running", "success"]
     values = sent_values(ci, ci.only_run())
@@ -68,7 +67,7 @@ def test_success_with_jobs_as_steps_and_the_run_linked(ci_tack, ci, knot):
 
 def test_failure_is_reported_with_the_failing_job(ci_tack, ci, knot):
     ci.job_template = [FakeJob("build", ["ok"]), FakeJob("test", ["boom"], exit_code=2)]
-    client, _ = start(ci_tack, knot, ci.workflow_raw)
+    client, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
     error = client.frames[-1]["event"]["error"]
     assert "fail" in error.lower()
@@ -76,7 +75,7 @@ def test_failure_is_reported_with_the_failing_job(ci_tack, ci, knot):
 
 def test_cancel_cancels_the_remote_run(ci_tack, ci, knot):
     ci.hold_runs = True
-    client, rkey = start(ci_tack, knot, ci.workflow_raw)
+    client, rkey = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: ci.runs and client.statuses() == ["pending", "running"], timeout=30)
     workflow = Workflow.get(Workflow.rkey == rkey)
     wait_until(lambda: "run" in json.loads(Workflow.get_by_id(workflow.id).backend_state or "{}"))
@@ -87,7 +86,7 @@ def test_cancel_cancels_the_remote_run(ci_tack, ci, knot):
 
 def test_a_restarted_tack_resumes_the_same_run(ci_tack, ci, knot, make_spindle):
     ci.hold_runs = True
-    client, rkey = start(ci_tack, knot, ci.workflow_raw)
+    client, rkey = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: ci.runs and client.statuses() == ["pending", "running"], timeout=30)
     wait_until(lambda: ci.only_run().phase >= 1, timeout=15, what="the first job to run")
     config_file = ci_tack.config.config_file
@@ -112,7 +111,7 @@ def test_a_restarted_tack_resumes_the_same_run(ci_tack, ci, knot, make_spindle):
 
 def test_429_with_retry_after_is_honoured(ci_tack, ci, knot):
     ci.faults = [Fault(429, retry_after="1")]
-    client, _ = start(ci_tack, knot, ci.workflow_raw)
+    client, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
     first, second = ci.requests[0][0], ci.requests[1][0]
     assert second - first >= 0.9, "the retry waited as Retry-After asked"
@@ -120,14 +119,14 @@ def test_429_with_retry_after_is_honoured(ci_tack, ci, knot):
 
 def test_5xx_then_success(ci_tack, ci, knot):
     ci.faults = [Fault(503), Fault(502)]
-    client, _ = start(ci_tack, knot, ci.workflow_raw)
+    client, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
     assert len(ci.runs) == 1
 
 
 def test_retry_budget_spent_fails_with_a_clear_error(ci_tack, ci, knot):
     ci.faults = [Fault(503)] * 10
-    client, _ = start(ci_tack, knot, ci.workflow_raw)
+    client, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
     error = client.frames[-1]["event"]["error"]
     assert "HTTP 503" in error and "gave up after 4 attempts" in error
@@ -135,11 +134,11 @@ def test_retry_budget_spent_fails_with_a_clear_error(ci_tack, ci, knot):
 
 def test_malformed_answers_fail_the_workflow_not_tack(ci_tack, ci, knot):
     ci.malformed = 100
-    client, _ = start(ci_tack, knot, ci.workflow_raw)
+    client, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
     assert "malformed" in client.frames[-1]["event"]["error"]
     ci.malformed = 0  # tack carries on: the next workflow runs normally
-    again, _ = start(ci_tack, knot, ci.workflow_raw)
+    again, _ = push_workflow(ci_tack, knot, ci.workflow_raw)
     wait_until(lambda: again.statuses()[-1:] == ["success"], timeout=30)
 
 
@@ -147,7 +146,7 @@ def test_a_run_past_its_timeout_is_cancelled_and_reported(serve_repo, ci, knot, 
     monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
     ci.hold_runs = True
     spindle = serve_repo(backend_config(ci) + "timeout = 2\n")
-    client, _ = start(spindle, knot, ci.workflow_raw)
+    client, _ = push_workflow(spindle, knot, ci.workflow_raw)
     wait_until(lambda: client.statuses()[-1:] == ["timeout"], timeout=30)
     assert "did not finish within 2s" in client.frames[-1]["event"]["error"]
     wait_until(lambda: ci.only_run().cancelled, timeout=10, what="the remote run cancelled")
@@ -169,7 +168,7 @@ def test_a_workflow_for_the_original_tack_runs_unchanged(
     # No pipeline in the backend's block where the workflow names one.
     config = backend_config(ci).replace('pipeline = "tangled"\n', "")
     spindle = serve_repo(config.replace('pipeline = "build"\n', ""))
-    client, _ = start(spindle, knot, ci.dialect_raw, engine="tack")
+    client, _ = push_workflow(spindle, knot, ci.dialect_raw, engine="tack")
     wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
     run = ci.only_run()
     assert sent_values(ci, run)["TANGLED_SHA"] == SHA

@@ -260,13 +260,18 @@ def test_shell_cancel_ends_the_run_and_its_processes(serve_repo, knot):
     assert spindle.scheduler.cancel(workflow.id) == "already final"
 
 
-def test_secrets_are_masked_in_every_form(tmp_path):
-    """A real shell run of a job carrying secrets, straight through the backend."""
-    backend = build(
+def shell_backend(tmp_path: Path):
+    """A shell backend with its workspaces under ``tmp_path``, built as tack builds it."""
+    return build(
         "shell",
         {"type": "shell", "workspace_root": str(tmp_path / "ws")},
         Context("spindle.test", dev=True),
     )
+
+
+def test_secrets_are_masked_in_every_form(tmp_path):
+    """A real shell run of a job carrying secrets, straight through the backend."""
+    backend = shell_backend(tmp_path)
     secret = "hunter2-very-secret"
     raw = yaml("""
         steps:
@@ -427,11 +432,7 @@ def test_no_config_file_means_shell_and_a_container_backend_for_nixery(tmp_path,
 
 
 def test_shell_warns_in_the_log_about_dependencies_it_cannot_install(tmp_path):
-    backend = build(
-        "shell",
-        {"type": "shell", "workspace_root": str(tmp_path / "ws")},
-        Context("spindle.test", dev=True),
-    )
+    backend = shell_backend(tmp_path)
     raw = "dependencies:\n  nixpkgs: [go]\nsteps:\n  - name: s\n    command: 'true'\n"
     outcome, text = run_direct(backend, direct_job(raw, "shell"), tmp_path / "logs")
     assert outcome.status == "success"

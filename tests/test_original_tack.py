@@ -25,45 +25,55 @@ from tack.config import ConfigError
 
 from .ci_fakes import (
     FAKES,
+    SHA,
     TOKEN,
     BuildkiteFake,
-    SourcehutFake,
-    TektonFake,
     backend_config,
+    push_workflow,
     self_signed_tls,
 )
 from .spindle_clients import EventsClient, read_log
 from .standins import HOSTNAME, OWNER, TackProcess, push_pipeline, tack_env, wait_until
 
-SHA = "c0ffee" + "0" * 34
 HOOK_TOKEN = "buildkite-webhook-token-xyz"
 HOOK_SECRET = "buildkite-webhook-secret-xyz"
+
+
+@pytest.fixture
+def make_fake(monkeypatch):
+    """CI fakes by name, closed after the test; the API token tack reads is set."""
+    monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
+    made = []
+
+    def make(name: str, **options):
+        made.append(FAKES[name](**options))
+        return made[-1]
+
+    yield make
+    for fake in made:
+        fake.close()
 
 
 # --- Buildkite notification webhooks ------------------------------------------------------
 
 
 @pytest.fixture
-def buildkite():
-    fake = BuildkiteFake()
+def buildkite(make_fake):
+    fake = make_fake("buildkite")
     fake.hold_runs = True
-    yield fake
-    fake.close()
+    return fake
 
 
 @pytest.fixture
 def hooked(serve_repo, buildkite, knot, monkeypatch):
     """A tack whose Buildkite backend polls once a minute, so only a webhook
     can make a build's end show within seconds; one held build running."""
-    monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
     monkeypatch.setenv("BK_HOOK_TOKEN", HOOK_TOKEN)
     monkeypatch.setenv("BK_HOOK_SECRET", HOOK_SECRET)
     toml = backend_config(buildkite).replace("poll_interval = 0.1", "poll_interval = 60")
     toml += 'webhook_token_env = "BK_HOOK_TOKEN"\nwebhook_secret_env = "BK_HOOK_SECRET"\n'
     spindle = serve_repo(toml)
-    client = EventsClient(spindle.server.port).start()
-    pipeline = push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "ci", "steps: []\n")], SHA)
-    knot.send_pipeline(pipeline)
+    client, _ = push_workflow(spindle, knot, "steps: []\n")
     wait_until(lambda: buildkite.runs and client.statuses() == ["pending", "running"], timeout=30)
     wait_until(lambda: buildkite.only_run().phase >= 1, what="the build's first look")
     return spindle, client
@@ -157,90 +167,61 @@ def test_signatures_stale_wrong_and_replayed_change_nothing(hooked, buildkite):
 
 
 @pytest.mark.parametrize("provider", ["tekton", "sourcehut"])
-def test_a_run_the_ci_itself_timed_out_ends_as_timeout(serve_repo, knot, monkeypatch, provider):
-    fake = FAKES[provider]()
+def test_a_run_the_ci_itself_timed_out_ends_as_timeout(serve_repo, knot, make_fake, provider):
+    fake = make_fake(provider)
     fake.ends_in_timeout = True
-    try:
-        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
-        spindle = serve_repo(backend_config(fake))
-        client = EventsClient(spindle.server.port).start()
-        workflows = [("ci.yml", "ci", fake.workflow_raw)]
-        knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
-        wait_until(lambda: client.statuses()[-1:] == ["timeout"], timeout=30)
-        error = client.frames[-1]["event"]["error"]
-        assert ("PipelineRunTimeout" in error) if provider == "tekton" else ("timeout" in error)
-    finally:
-        fake.close()
+    client, _ = push_workflow(serve_repo(backend_config(fake)), knot, fake.workflow_raw)
+    wait_until(lambda: client.statuses()[-1:] == ["timeout"], timeout=30)
+    error = client.frames[-1]["event"]["error"]
+    assert ("PipelineRunTimeout" in error) if provider == "tekton" else ("timeout" in error)
 
 
 # --- sourcehut's log URLs ---------------------------------------------------------------------
 
 
-def test_sourcehut_sends_its_token_to_no_log_host_but_its_own(serve_repo, knot, monkeypatch):
-    fake = SourcehutFake()
+def test_sourcehut_sends_its_token_to_no_log_host_but_its_own(serve_repo, knot, make_fake):
+    fake = make_fake("sourcehut")
     fake.logs_elsewhere = True  # the fake refuses (401) a log request that carries the token
-    try:
-        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
-        spindle = serve_repo(backend_config(fake))
-        client = EventsClient(spindle.server.port).start()
-        workflows = [("ci.yml", "ci", fake.workflow_raw)]
-        rkey = knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
-        wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
-        lines = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
-        assert "1 passed" in [line["content"] for line in lines]
-        assert any(path.startswith("/elsewhere/") for _, _, path in fake.requests)
-    finally:
-        fake.close()
+    spindle = serve_repo(backend_config(fake))
+    client, rkey = push_workflow(spindle, knot, fake.workflow_raw)
+    wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
+    lines = read_log(spindle.server.port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
+    assert "1 passed" in [line["content"] for line in lines]
+    assert any(path.startswith("/elsewhere/") for _, _, path in fake.requests)
 
 
-def test_a_sourcehut_manifest_with_yaml_aliases_is_refused_unsubmitted(
-    serve_repo, knot, monkeypatch
-):
-    fake = SourcehutFake()
-    try:
-        monkeypatch.setenv("TACK_TEST_CI_TOKEN", TOKEN)
-        spindle = serve_repo(backend_config(fake))
-        client = EventsClient(spindle.server.port).start()
-        bomb = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"
-        raw = "engine: tack\ntack:\n  sourcehut:\n    manifest: |\n" + "".join(
-            f"      {line}\n" for line in bomb.splitlines()
-        )
-        workflows = [("ci.yml", "tack", raw)]
-        knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", workflows, SHA))
-        wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
-        assert "aliases" in client.frames[-1]["event"]["error"]
-        assert not fake.runs, "nothing was submitted"
-    finally:
-        fake.close()
+def test_a_sourcehut_manifest_with_yaml_aliases_is_refused_unsubmitted(serve_repo, knot, make_fake):
+    fake = make_fake("sourcehut")
+    bomb = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"
+    raw = "engine: tack\ntack:\n  sourcehut:\n    manifest: |\n" + "".join(
+        f"      {line}\n" for line in bomb.splitlines()
+    )
+    client, _ = push_workflow(serve_repo(backend_config(fake)), knot, raw, engine="tack")
+    wait_until(lambda: client.statuses()[-1:] == ["failed"], timeout=30)
+    assert "aliases" in client.frames[-1]["event"]["error"]
+    assert not fake.runs, "nothing was submitted"
 
 
 # --- Tekton from inside a cluster ----------------------------------------------------------
 
 
 def test_tekton_in_cluster_uses_the_service_account_over_tls(
-    serve_repo, knot, tmp_path, monkeypatch
+    serve_repo, knot, tmp_path, monkeypatch, make_fake
 ):
     account = tmp_path / "serviceaccount"
     account.mkdir()
     tls, ca_file = self_signed_tls(account)
     (account / "token").write_text(TOKEN + "\n")
-    fake = TektonFake(tls=tls)
-    try:
-        port = fake.url.rsplit(":", 1)[1]
-        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
-        toml = (
-            '[backends.k8s]\ntype = "tekton"\nnamespace = "ci"\npipeline = "build"\n'
-            f'service_account_dir = "{account}"\npoll_interval = 0.1\n'
-        )
-        spindle = serve_repo(toml)
-        client = EventsClient(spindle.server.port).start()
-        pipeline = push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "k8s", "steps: []\n")], SHA)
-        knot.send_pipeline(pipeline)
-        wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
-        assert fake.url.startswith("https://") and ca_file.exists()
-    finally:
-        fake.close()
+    fake = make_fake("tekton", tls=tls)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", fake.url.rsplit(":", 1)[1])
+    toml = (
+        '[backends.k8s]\ntype = "tekton"\nnamespace = "ci"\npipeline = "build"\n'
+        f'service_account_dir = "{account}"\npoll_interval = 0.1\n'
+    )
+    client, _ = push_workflow(serve_repo(toml), knot, "steps: []\n", engine="k8s")
+    wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
+    assert fake.url.startswith("https://") and ca_file.exists()
 
 
 def test_tekton_outside_a_cluster_without_api_url_is_a_clear_start_up_error(tmp_path, monkeypatch):
