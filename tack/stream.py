@@ -42,6 +42,9 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 # for, and 64 KiB for each of 2,000 idle knots was half of tack's memory.
 READ_CHUNK = 64 * 1024
 SMALL_READ = 4 * 1024
+# Frames whose length fits the 16-bit field (<= 64 KiB) take the fast path.
+FAST_FRAME_MAX = 0xFFFF
+_FAST_OPCODES = (0x80 | websocket.ABNF.OPCODE_TEXT, 0x80 | websocket.ABNF.OPCODE_BINARY)
 
 
 class _BoundedFrameBuffer(frame_buffer):
@@ -73,6 +76,40 @@ class _BoundedFrameBuffer(frame_buffer):
         start = self._pos
         self._pos += bufsize
         return bytes(self._buffer[start : self._pos])
+
+    def take_whole_messages(self) -> list[bytes]:
+        """The payloads of the complete, unfragmented, unmasked text or binary
+        frames at the front of the buffer, up to ``FAST_FRAME_MAX`` bytes
+        each; none while a frame is half-read or a fragmented message is open.
+
+        The fast path of ingest: the library builds and validates an object
+        per frame and its callers peel them one by one, a third of ingest's
+        time. What this does not take (control frames, fragments, masked or
+        RSV-flagged frames, big or partial ones) is left for ``recv_data``,
+        which reads, checks and answers it as before.
+        """
+        if self.header is not None:
+            return []
+        buffer, position, end = self._buffer, self._pos, len(self._buffer)
+        messages = []
+        while end - position >= 2:
+            # FIN set, RSV clear, text (0x1) or binary (0x2); mask bit clear.
+            if buffer[position] not in _FAST_OPCODES or buffer[position + 1] & 0x80:
+                break
+            length, header = buffer[position + 1], 2
+            if length == 126:
+                if end - position < 4:
+                    break
+                length, header = int.from_bytes(buffer[position + 2 : position + 4], "big"), 4
+            elif length == 127:
+                break  # longer than FAST_FRAME_MAX: the library's path
+            start = position + header
+            if end - start < length:
+                break
+            messages.append(bytes(buffer[start : start + length]))
+            position = start + length
+        self._pos = position
+        return messages
 
     def _fill(self) -> None:
         chunk = self.recv(self._read_size)  # raises when the peer closed
@@ -113,7 +150,8 @@ class _BoundedMessages(continuous_frame):
 
 
 class BoundedWebSocket(websocket.WebSocket):
-    """websocket-client's socket with a cap on what one message may occupy.
+    """websocket-client's socket with a cap on what one message may occupy,
+    and a fast path for the small whole messages already read.
 
     An over-long message arrives as an empty one, after ``on_oversized``.
     """
@@ -122,6 +160,14 @@ class BoundedWebSocket(websocket.WebSocket):
         super().__init__(skip_utf8_validation=True, enable_multithread=True)
         self.frame_buffer = _BoundedFrameBuffer(self._recv, True, on_oversized=on_oversized)
         self.cont_frame = _BoundedMessages(False, True, on_oversized=on_oversized)
+
+    def take_whole_messages(self) -> list[bytes]:
+        """Messages already in the receive buffer, without reading the socket
+        (``_BoundedFrameBuffer.take_whole_messages``); none while a fragmented
+        message is open, whose next frame only the library may take."""
+        if self.cont_frame.recving_frames:
+            return []
+        return self.frame_buffer.take_whole_messages()
 
 
 @dataclass(frozen=True)
@@ -135,11 +181,13 @@ class StreamEnded(Exception):
 
 
 class Follower:
-    """Keeps one websocket stream flowing into ``on_frame`` until ``stop`` is set.
+    """Keeps one websocket stream flowing into ``on_frames`` until ``stop`` is set.
 
-    ``url`` is called before every connection attempt. ``on_frame`` gets each
-    text or binary frame and may block (that is how back-pressure reaches the
-    socket); exceptions it raises are logged and the stream reconnects.
+    ``url`` is called before every connection attempt. ``on_frames`` gets the
+    text and binary messages as they arrive, as bytes, in order, in runs (all
+    that one read brought in), and may block (that is how back-pressure
+    reaches the socket); exceptions it raises are logged and the stream
+    reconnects.
     """
 
     def __init__(
@@ -147,7 +195,7 @@ class Follower:
         *,
         component: str,
         url: Callable[[], str],
-        on_frame: Callable[[str | bytes], None],
+        on_frames: Callable[[list[bytes]], None],
         stop: threading.Event,
         backoff: Backoff,
         ids: dict[str, Any] | None = None,
@@ -164,7 +212,7 @@ class Follower:
         self._idle_limit = idle_limit
         self._on_idle = on_idle
         self._url = url
-        self._on_frame = on_frame
+        self._on_frames = on_frames
         self._stop = stop
         self._backoff = backoff
         self._ids = ids or {}
@@ -286,7 +334,7 @@ class Follower:
             raise StreamEnded(reason)
         self._log.info("stream ended", extra={**self._ids, "reason": reason})
 
-    def _pump(self, ws: websocket.WebSocket) -> None:
+    def _pump(self, ws: BoundedWebSocket) -> None:
         ping_every, idle_limit = self._ping_every, self._idle_limit
         last_heard = last_ping = time.monotonic()
         ws.settimeout(ping_every)
@@ -310,16 +358,20 @@ class Follower:
             last_heard = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise StreamEnded(_close_reason(data))
-            if opcode == websocket.ABNF.OPCODE_TEXT:
-                data = data.decode("utf-8", errors="replace")
-            elif opcode != websocket.ABNF.OPCODE_BINARY:
+            if opcode not in _MESSAGE_OPCODES:
                 continue  # ping/pong: only proof of life
-            if not data:
-                continue  # an oversized message, dropped and logged
+            # The rest of what that read brought in, in order, in one hand-over.
+            messages = [data] if data else []  # empty: oversized, dropped and logged
+            messages += ws.take_whole_messages()
+            if not messages:
+                continue
             self.last_frame_at = last_heard  # an event, not a pong
-            self.frames += 1
-            self._session_frames += 1
-            self._on_frame(data)
+            self.frames += len(messages)
+            self._session_frames += len(messages)
+            self._on_frames(messages)
+
+
+_MESSAGE_OPCODES = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 
 
 def _close_reason(data: bytes) -> str:

@@ -13,6 +13,7 @@ import pytest
 from tack import store
 from tack.jetstream import BATCH_MAX, REWIND_US
 from tack.records import Change
+from tack.stream import READ_CHUNK
 
 from .standins import (
     COLLABORATOR,
@@ -480,15 +481,18 @@ def test_full_queue_pushes_back_on_the_reader(jetstream, make_spindle, clock):
     ]
     received_before = spindle.ingester.reader.frames
     jetstream.add(*events)
-    wait_until(lambda: spindle.ingester.frames.qsize() == 5, what="the queue to fill")
+    # A queue of five frames holds one run (of up to five).
+    wait_until(lambda: spindle.ingester.frames.full(), what="the queue to fill")
     time.sleep(0.5)
     stalled_at = spindle.ingester.reader.frames - received_before
     time.sleep(1.0)
     # The queue is full and the reader is parked on it: at most the queue,
-    # one batch inside the applier and the frame waiting to be put.
-    assert spindle.ingester.frames.qsize() == 5
+    # one batch inside the applier and what the reader's last read brought in.
+    assert spindle.ingester.frames.full()
+    assert 1 <= sum(len(run) for run in spindle.ingester.frames.queue) <= 5
     assert spindle.ingester.reader.frames - received_before == stalled_at
-    assert stalled_at <= 5 + min(5, BATCH_MAX) + 1
+    one_read = READ_CHUNK // min(len(json.dumps(event)) for event in events) + 1
+    assert stalled_at <= 5 + min(5, BATCH_MAX) + one_read
     release.set()
     holder.join()
     caught_up(spindle, events)

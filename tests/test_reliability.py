@@ -365,7 +365,7 @@ def _follow(url: str, stop: threading.Event) -> Follower:
     follower = Follower(
         component="test",
         url=lambda: url,
-        on_frame=lambda frame: None,
+        on_frames=lambda frames: None,
         stop=stop,
         backoff=Backoff(initial=0.05, cap=0.2),
         ping_every=0.3,

@@ -78,7 +78,7 @@ class _KnotStream:
         self.follower = Follower(
             component="knots",
             url=self._url,
-            on_frame=self._on_frame,
+            on_frames=self._on_frames,
             stop=self.stop,
             backoff=consumer.backoff,
             ids={"knot": knot},
@@ -133,7 +133,11 @@ class _KnotStream:
         self._rewind_ns = 0 if self._exact else REWIND_NS
         return f"{scheme}://{self.knot}/events?cursor={cursor}"
 
-    def _on_frame(self, frame: str | bytes) -> None:
+    def _on_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self._on_frame(frame)
+
+    def _on_frame(self, frame: bytes) -> None:
         position = self._consumer.intake.handle(self.knot, frame)
         if position is None:
             return
