@@ -11,6 +11,7 @@ lands before the database closes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
 import time
@@ -307,6 +308,25 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.1)
 
 
+# Ingest allocates a few short-lived dicts per event, so the default first
+# generation (700 allocations) collected every few dozen events.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_garbage_collector() -> None:
+    """Collect less often, and never walk what start-up built again.
+
+    Everything alive once the spindle is built (modules, the model set, the
+    routes) lives as long as the process: freezing it keeps every full
+    collection from walking it. With the default thresholds the collector
+    took about a tenth of ingest's time.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def run(config: Config, backends: Backends, context: Context) -> int:
     """Run until SIGTERM, SIGINT or SIGHUP, then shut down cleanly; the exit status.
 
@@ -329,6 +349,7 @@ def run(config: Config, backends: Backends, context: Context) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_stop)
     spindle = Spindle(config, backends=backends, context=context)
+    _tune_garbage_collector()
     spindle.start()
     while not stop.wait(1.0):
         pass
