@@ -34,7 +34,8 @@ _HOSTNAME_RE = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?::(?P<port>[0-9]{1,5}))?$"
 )
-_DID_RE = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2040}$")
+DID_PATTERN = r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2040}$"
+_DID_RE = re.compile(DID_PATTERN)
 
 
 def is_hostname(value: str) -> bool:

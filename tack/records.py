@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
-from .config import is_did
+from .config import DID_PATTERN, is_did
 
 MEMBER = "sh.tangled.spindle.member"
 REPO = "sh.tangled.repo"
@@ -25,6 +26,7 @@ COLLECTIONS = (MEMBER, REPO, COLLABORATOR, PULL, PULL_STATUS)
 # A pull request event is a trigger, not only a row: these become "pull_event"
 # changes, which queue a pipeline for the pull request worker.
 PULL_EVENTS = (PULL, PULL_STATUS)
+_COLLECTION_SET = frozenset(COLLECTIONS)
 PULL_STATUS_ACTIONS = {
     "sh.tangled.repo.pull.status.open": "reopened",
     "sh.tangled.repo.pull.status.closed": "closed",
@@ -86,28 +88,109 @@ class Change:
         return ids
 
 
+# --- the shapes: checked in C by msgspec as a frame is parsed, so a frame is
+# validated without first becoming dicts. What the protocol leaves loose
+# (``kind``, the commit's strings) is typed Any and checked below.
+
+_Did = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STRING, pattern=DID_PATTERN)]
+_Datetime = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_DATETIME_RE.pattern)]
+
+
+def _text(limit: int = MAX_STRING) -> Any:
+    """A non-empty string of at most ``limit`` characters."""
+    return Annotated[str, msgspec.Meta(min_length=1, max_length=limit)]
+
+
+class _Commit(msgspec.Struct):
+    collection: Any = None
+    rkey: Any = None
+    operation: Any = None
+    rev: Any = None
+    record: msgspec.Raw = msgspec.Raw()  # parsed only for our collections
+
+
+class _Event(msgspec.Struct):
+    time_us: Annotated[int, msgspec.Meta(gt=0)]
+    did: _Did
+    kind: Any = None
+    commit: _Commit | None = None
+    account: Any = None
+
+
+class _Record(msgspec.Struct, kw_only=True):
+    type: Any = msgspec.field(name="$type", default=msgspec.UNSET)
+
+
+class _MemberRecord(_Record, kw_only=True):
+    subject: _Did
+    instance: _text(260)
+    createdAt: _Datetime
+
+
+class _RepoRecord(_Record, kw_only=True):
+    knot: _text(260)
+    createdAt: _Datetime
+    # Today's records may omit the (cosmetic) name; the repo DID names the repo.
+    name: _text(256) | None = None
+    spindle: _text(260) | None = None
+    repoDid: _Did | None = None
+
+
+class _CollaboratorRecord(_Record, kw_only=True):
+    subject: _Did
+    createdAt: _Datetime
+    repo: _text() | None = None
+    repoDid: _Did | None = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)
+_RECORDS = {
+    MEMBER: msgspec.json.Decoder(_MemberRecord),
+    REPO: msgspec.json.Decoder(_RepoRecord),
+    COLLABORATOR: msgspec.json.Decoder(_CollaboratorRecord),
+}
+
+
 def decode(frame: str | bytes, hostname: str) -> Change:
     """Turn one jetstream frame into a Change, or raise BadRecord."""
     if len(frame) > MAX_FRAME_BYTES:
         raise BadRecord(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
+        event = _EVENT.decode(frame)
+    except Exception:
+        # Whatever the parser raised (bad JSON, too deep, a field of the
+        # wrong type), the frame is bad input; the loose reading says why.
+        return _decode_loose(frame)
+    if event.kind == "commit":
+        if event.commit is None:
+            raise BadRecord(
+                "commit event without a commit object", {"did": event.did}, event.time_us
+            )
+        return _decode_commit(event.commit, event.did, event.time_us, hostname)
+    if event.kind == "account":
+        return _decode_account(event.account, event.did, event.time_us)
+    return Change(event.time_us, "ignore", event.did)
+
+
+def _decode_loose(frame: str | bytes) -> Change:
+    """A frame the shapes refused, read as plain JSON: which check it fails,
+    with its time when it told a valid one (the cursor moves past it), or
+    what it means when only a part no kind reads was malformed."""
+    try:
         event = orjson.loads(frame)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        # Any failure to parse is a bad record, including nesting too deep.
         raise BadRecord(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(event, dict):
         raise BadRecord("frame is not a JSON object")
-
     time_us = event.get("time_us")
     if not isinstance(time_us, int) or isinstance(time_us, bool) or time_us <= 0:
         raise BadRecord("time_us missing or not a positive integer")
     did = event.get("did")
-    if not isinstance(did, str) or not is_did(did):
+    if not isinstance(did, str) or not is_did(did) or len(did) > MAX_STRING:
         raise BadRecord("did missing or malformed", time_us=time_us)
-
     kind = event.get("kind")
     if kind == "commit":
-        return _decode_commit(event.get("commit"), did, time_us, hostname)
+        raise BadRecord("commit event without a commit object", {"did": did}, time_us)
     if kind == "account":
         return _decode_account(event.get("account"), did, time_us)
     return Change(time_us, "ignore", did)
@@ -123,45 +206,100 @@ def _decode_account(account: Any, did: str, time_us: int) -> Change:
     return Change(time_us, "ignore", did)
 
 
-def _decode_commit(commit: Any, did: str, time_us: int, hostname: str) -> Change:
-    if not isinstance(commit, dict):
-        raise BadRecord("commit event without a commit object", {"did": did}, time_us)
-    collection = commit.get("collection")
-    if collection not in COLLECTIONS:
+def _decode_commit(commit: _Commit, did: str, time_us: int, hostname: str) -> Change:
+    collection = commit.collection
+    if collection not in _COLLECTION_SET:
         return Change(time_us, "ignore", did)
-    rkey = commit.get("rkey")
-    ids = {"did": did, "collection": collection, "rkey": rkey}
+    rkey = commit.rkey
     if not is_rkey(rkey):
-        raise BadRecord("rkey missing or malformed", ids, time_us)
+        raise _bad_commit("rkey missing or malformed", did, collection, rkey, time_us)
 
-    operation = commit.get("operation")
+    operation = commit.operation
     if operation == "delete":
         if collection == PULL_STATUS:
             return Change(time_us, "ignore", did)
         return Change(time_us, "delete", did, collection, rkey)
-    if operation not in ("create", "update"):
-        raise BadRecord(f"unknown operation {operation!r}", ids, time_us)
-
-    record = commit.get("record")
-    if not isinstance(record, dict):
-        raise BadRecord("create/update without a record object", ids, time_us)
-    if record.get("$type", collection) != collection:
-        raise BadRecord(f"record $type {record.get('$type')!r} != collection", ids, time_us)
+    if operation != "create" and operation != "update":
+        raise _bad_commit(f"unknown operation {operation!r}", did, collection, rkey, time_us)
+    if not commit.record:
+        raise _bad_commit("create/update without a record object", did, collection, rkey, time_us)
     if collection in PULL_EVENTS:
-        return _pull_event(record, commit, did, collection, rkey, operation, time_us, ids)
+        ids = {"did": did, "collection": collection, "rkey": rkey}
+        return _pull_event(commit, did, collection, rkey, operation, time_us, ids)
     try:
-        row = _ROW_BUILDERS[collection](record, hostname)
-    except ValueError as exc:
-        raise BadRecord(str(exc), ids, time_us) from None
+        record = _RECORDS[collection].decode(commit.record)
+        if record.type is not msgspec.UNSET and record.type != collection:
+            raise ValueError(f"record $type {record.type!r} != collection")
+        row = _ROW_BUILDERS[collection](record, did, rkey, hostname)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise _bad_commit(f"record: {exc}", did, collection, rkey, time_us) from None
     if row is None:
         # A valid record that does not concern this spindle (another spindle's
         # repo or member). It may have concerned us before this update, so the
         # copy we hold, if any, goes.
         return Change(time_us, "delete", did, collection, rkey)
-    return Change(time_us, "upsert", did, collection, rkey, {"did": did, "rkey": rkey, **row})
+    return Change(time_us, "upsert", did, collection, rkey, row)
 
 
-# --- field checks: each returns the clean value or raises ValueError naming the field
+def _bad_commit(reason: str, did: str, collection: str, rkey: Any, time_us: int) -> BadRecord:
+    return BadRecord(reason, {"did": did, "collection": collection, "rkey": rkey}, time_us)
+
+
+# --- rows: from a record whose fields the shapes above already checked, keyed
+# by the store's column names
+
+
+def _member_row(record: _MemberRecord, did: str, rkey: str, hostname: str) -> dict | None:
+    instance = record.instance.lower()
+    if instance != hostname:
+        return None
+    return {
+        "did": did,
+        "rkey": rkey,
+        "subject": record.subject,
+        "instance": instance,
+        "created_at": record.createdAt,
+    }
+
+
+def _repo_row(record: _RepoRecord, did: str, rkey: str, hostname: str) -> dict | None:
+    spindle = record.spindle
+    if spindle is None or (spindle != hostname and spindle.lower() != hostname):
+        return None
+    return {
+        "did": did,
+        "rkey": rkey,
+        "name": record.name or "",
+        "knot": record.knot.lower(),
+        "spindle": hostname,
+        "repo_did": record.repoDid,
+        "created_at": record.createdAt,
+    }
+
+
+def _collaborator_row(record: _CollaboratorRecord, did: str, rkey: str, hostname: str) -> dict:
+    repo, repo_did = record.repo, record.repoDid
+    if repo is not None and is_did(repo):
+        repo, repo_did = None, repo  # today's shape: the repo named by its DID
+    elif repo is not None and not _AT_URI_RE.match(repo):
+        raise ValueError("repo is neither a repo DID nor an at-uri")
+    if repo is None and repo_did is None:
+        raise ValueError("neither repo nor repoDid is set")
+    return {
+        "did": did,
+        "rkey": rkey,
+        "subject": record.subject,
+        "repo": repo,
+        "repo_did": repo_did,
+        "created_at": record.createdAt,
+    }
+
+
+_ROW_BUILDERS = {MEMBER: _member_row, REPO: _repo_row, COLLABORATOR: _collaborator_row}
+
+
+# --- pull requests: nested and rare, so read as plain JSON and checked field
+# by field; each check returns the clean value or raises ValueError naming it
 
 
 def _string(record: dict, field: str, *, required: bool = True, limit: int = MAX_STRING) -> Any:
@@ -189,53 +327,8 @@ def _datetime(record: dict, field: str) -> str:
     return value
 
 
-def _member_row(record: dict, hostname: str) -> dict | None:
-    subject = _did_field(record, "subject")
-    instance = _string(record, "instance", limit=260).lower()
-    created_at = _datetime(record, "createdAt")
-    if instance != hostname:
-        return None
-    return {"subject": subject, "instance": instance, "created_at": created_at}
-
-
-def _repo_row(record: dict, hostname: str) -> dict | None:
-    # Today's records may omit the (cosmetic) name; the repo DID names the repo.
-    name = _string(record, "name", required=False, limit=256) or ""
-    knot = _string(record, "knot", limit=260).lower()
-    spindle = _string(record, "spindle", required=False, limit=260)
-    repo_did = _did_field(record, "repoDid", required=False)
-    created_at = _datetime(record, "createdAt")
-    if spindle is None or spindle.lower() != hostname:
-        return None
-    return {
-        "name": name,
-        "knot": knot,
-        "spindle": hostname,
-        "repo_did": repo_did,
-        "created_at": created_at,
-    }
-
-
-def _collaborator_row(record: dict, hostname: str) -> dict:
-    subject = _did_field(record, "subject")
-    repo = _string(record, "repo", required=False)
-    repo_did = _did_field(record, "repoDid", required=False)
-    if repo is not None and is_did(repo):
-        repo, repo_did = None, repo  # today's shape: the repo named by its DID
-    elif repo is not None and not _AT_URI_RE.match(repo):
-        raise ValueError("repo is neither a repo DID nor an at-uri")
-    if repo is None and repo_did is None:
-        raise ValueError("neither repo nor repoDid is set")
-    created_at = _datetime(record, "createdAt")
-    return {"subject": subject, "repo": repo, "repo_did": repo_did, "created_at": created_at}
-
-
-_ROW_BUILDERS = {MEMBER: _member_row, REPO: _repo_row, COLLABORATOR: _collaborator_row}
-
-
 def _pull_event(
-    record: dict,
-    commit: dict,
+    commit: _Commit,
     did: str,
     collection: str,
     rkey: str,
@@ -248,7 +341,15 @@ def _pull_event(
     Only branch pull requests within one repo run (protocol-2026 §5.4): a
     fork's or a bare patch's pull request is valid but ignored.
     """
-    revision = commit.get("rev") if isinstance(commit.get("rev"), str) else str(time_us)
+    try:
+        record = msgspec.json.decode(commit.record)
+    except Exception as exc:  # too deep for a plain reading, say
+        raise BadRecord(f"record unreadable: {type(exc).__name__}", ids, time_us) from None
+    if not isinstance(record, dict):
+        raise BadRecord("create/update without a record object", ids, time_us)
+    if record.get("$type", collection) != collection:
+        raise BadRecord(f"record $type {record.get('$type')!r} != collection", ids, time_us)
+    revision = commit.rev if isinstance(commit.rev, str) else str(time_us)
     key = f"{did}/{collection}/{rkey}@{revision[:64]}"
     try:
         if collection == PULL_STATUS:
