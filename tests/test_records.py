@@ -91,7 +91,10 @@ def test_members_and_collaborators():
         ({"name": "n", "createdAt": "2026-01-01T00:00:00Z"}, "knot"),
         ({"name": "n", "knot": "k", "createdAt": "yesterday"}, "$.createdAt"),
         ({"knot": "k", "createdAt": "2026-01-01T00:00:00Z", "repoDid": "nope"}, "$.repoDid"),
-        ({"$type": "app.bsky.feed.post", "knot": "k", "createdAt": "2026-01-01T00:00:00Z"}, "$type"),
+        (
+            {"$type": "app.bsky.feed.post", "knot": "k", "createdAt": "2026-01-01T00:00:00Z"},
+            "$type",
+        ),
         ({"$type": None, "knot": "k", "createdAt": "2026-01-01T00:00:00Z"}, "$type"),
     ],
 )
@@ -177,4 +180,3 @@ def test_a_pull_request_record_is_read_as_plain_json():
     )
     event["commit"]["record"] = {**record, "target": "main"}
     assert outcome(frame(event))[:2] == ("bad", "target missing or not an object")
-
