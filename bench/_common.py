@@ -78,6 +78,16 @@ class Spread:
             f" spread {self.low:,.0f}-{self.high:,.0f})"
         )
 
+    def __format__(self, spec: str) -> str:
+        """``f"{spread:.2f}"`` formats the median and the range alike; no spec
+        is ``str``'s thousands-grouped whole numbers."""
+        if not spec:
+            return str(self)
+        return (
+            f"{self.median:{spec}} (median of {len(self.values)},"
+            f" spread {self.low:{spec}}-{self.high:{spec}})"
+        )
+
     def as_json(self) -> dict:
         return {
             "median": round(self.median, 2),
