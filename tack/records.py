@@ -159,7 +159,8 @@ def decode(frame: str | bytes, hostname: str) -> Change:
         event = _EVENT.decode(frame)
     except Exception:
         # Whatever the parser raised (bad JSON, too deep, a field of the
-        # wrong type), the frame is bad input; the loose reading says why.
+        # wrong type), the shapes refuse the frame: the loose reading says
+        # why, or keeps it when only a part its kind never reads was odd.
         return _decode_loose(frame)
     if event.kind == "commit":
         if event.commit is None:
