@@ -286,6 +286,7 @@ class Spindle:
         log.info("tack stopping")
         deadline = time.monotonic() + STOP_DEADLINE
         self.stop_event.set()
+        self.logbook.wake_all()  # log followers close their streams now, not at their next wake
         # Stop taking in new records first; the applier drains meanwhile.
         self.ingester.request_stop()
         if isinstance(self.knots, KnotConsumer):

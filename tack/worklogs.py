@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from . import logs
 from .statuses import rfc3339
@@ -42,7 +43,7 @@ class LogBook:
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
-        self._watchers: dict[int, set[threading.Event]] = {}
+        self._watchers: dict[int, set[Wakeup]] = {}
 
     def path(self, workflow_id: int) -> Path:
         return self.dir / f"{int(workflow_id)}.jsonl"
@@ -72,36 +73,79 @@ class LogBook:
         return extra
 
     @contextlib.contextmanager
-    def watching(self, workflow_ids: Iterable[int]) -> Iterator[threading.Event]:
-        """An event set whenever one of these workflows' logs grows (or the
+    def watching(self, workflow_ids: Iterable[int]) -> Iterator[Wakeup]:
+        """A wake-up rung whenever one of these workflows' logs grows (or the
         workflow ends, see ``notify``): only its own followers wake, so one
         chatty build does not wake every follower of every other one.
 
         Clear it *before* reading, then wait on it: a line written in
-        between sets it again, so no wake-up is lost.
+        between rings it again, so no wake-up is lost.
         """
-        event = threading.Event()
+        wakeup = Wakeup()
         ids = list(workflow_ids)
         with self._guard:
             for workflow_id in ids:
-                self._watchers.setdefault(workflow_id, set()).add(event)
+                self._watchers.setdefault(workflow_id, set()).add(wakeup)
         try:
-            yield event
+            yield wakeup
         finally:
             with self._guard:
                 for workflow_id in ids:
                     watchers = self._watchers.get(workflow_id)
                     if watchers is not None:
-                        watchers.discard(event)
+                        watchers.discard(wakeup)
                         if not watchers:
                             del self._watchers[workflow_id]
+            # Unreachable now (writers find wake-ups only under the guard),
+            # so its descriptor number cannot be rung after reuse.
+            wakeup.close()
 
     def notify(self, workflow_id: int) -> None:
         """Wake the followers of one workflow."""
         with self._guard:
-            watchers = list(self._watchers.get(workflow_id, ()))
-        for event in watchers:
-            event.set()
+            for wakeup in self._watchers.get(workflow_id, ()):
+                wakeup.ring()
+
+    def wake_all(self) -> None:
+        """Wake every follower (tack is stopping: they close their streams)."""
+        with self._guard:
+            for watchers in self._watchers.values():
+                for wakeup in watchers:
+                    wakeup.ring()
+
+
+class Wakeup:
+    """A follower's doorbell: rung by the threads writing its workflows' logs,
+    waited on together with the follower's socket. It is an eventfd, so one
+    poll(2) covers both: a client closing its end is answered at once, and a
+    follower of a quiet workflow sleeps without waking to look.
+
+    Rung and closed only under ``LogBook._guard``.
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._rung = False  # skips the write while a ring is still unanswered
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def ring(self) -> None:
+        if not self._rung:
+            self._rung = True
+            os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> None:
+        # Drain first, then let rings write again: a ring in between is
+        # skipped, but the line behind it was written before the reader's
+        # next read, which therefore sees it. The other order could drain a
+        # ring's write while leaving it marked unanswered: no more wake-ups.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fd)
+        self._rung = False
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 # `base64` wraps its output at 76 columns, each line the encoding of 57 bytes.
@@ -272,17 +316,41 @@ def _now() -> str:
     return rfc3339(time.time_ns())
 
 
-def read_raw_lines(path: Path, offset: int) -> tuple[list[bytes], int]:
-    """Complete lines (bytes, without the newline) from ``offset`` on, and the
-    offset after the last one. Split on ``\\n`` only: a line's text may hold
-    U+2028, U+2029 or U+0085, which ``str.splitlines`` takes for line ends."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            chunk = handle.read(4 * 1024 * 1024)
-    except FileNotFoundError:
-        return [], offset
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return [], offset
-    return chunk[:end].split(b"\n"), offset + end + 1
+class LogReader:
+    """Reads a workflow's log as it grows, one read of complete lines at a time.
+
+    The file stays open between reads: a follower of a chatty build reads
+    thousands of times, and need not open and close the file for each.
+    The log is only ever appended to, truncated in place (a resumed or
+    retried workflow) or deleted once long finished, never replaced, so the
+    open file is always the log.
+    """
+
+    CHUNK = 4 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self._file: BinaryIO | None = None
+
+    def read_lines(self) -> list[bytes]:
+        """Complete lines (bytes, without the newline) past the last read.
+        Split on ``\\n`` only: a line's text may hold U+2028, U+2029 or
+        U+0085, which ``str.splitlines`` takes for line ends."""
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            except FileNotFoundError:
+                return []  # no line written yet
+        self._file.seek(self.offset)
+        chunk = self._file.read(self.CHUNK) or b""
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        return chunk[:end].split(b"\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

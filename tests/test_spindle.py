@@ -333,3 +333,29 @@ def test_logs_follow_a_running_workflow_to_its_end(served, knot):
         "two",
         "two",
     ]
+
+
+def test_a_log_follower_answers_a_client_leaving_at_once(served, knot):
+    """A follower sleeps on its workflows' wake-up and its socket together, so
+    a client leaving a quiet workflow's log has its close answered at once,
+    well before the follower's idle wake-up would have noticed."""
+    import websocket
+
+    from tack.api.follow import IDLE_WAKE_EVERY
+
+    client = events(served)
+    quiet = "steps:\n  - {name: wait, command: a}\ndummy: {delay: 30}\n"
+    rkey = knot.send_pipeline(
+        push_pipeline(knot.name, OWNER, "myrepo", [("quiet.yml", "dummy", quiet)])
+    )
+    wait_until(lambda: client.statuses() == ["pending", "running"])
+    url = f"ws://127.0.0.1:{served.server.port}/logs/{knot.name}/{rkey}/quiet.yml"
+    ws = websocket.create_connection(url, timeout=IDLE_WAKE_EVERY / 2)
+    # The step's start and its one line: after them the workflow is quiet.
+    assert [json.loads(ws.recv())["kind"] for _ in range(2)] == ["control", "data"]
+    ws.send_close(websocket.STATUS_NORMAL)
+    opcode = None
+    while opcode != websocket.ABNF.OPCODE_CLOSE:  # a timeout here is the failure
+        opcode, data = ws.recv_data(control_frame=True)
+    assert int.from_bytes(data[:2], "big") == websocket.STATUS_NORMAL
+    ws.shutdown()

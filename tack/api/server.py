@@ -93,6 +93,9 @@ class ServerWebSocket:
         self._last_ping = time.monotonic()
         self.open = True
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def send_encoded(self, data: bytes) -> None:
         """Frames already encoded; blocks until written (up to SEND_TIMEOUT).
 
