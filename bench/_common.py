@@ -7,6 +7,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tests.spindle_clients import EventsClient
 from tests.standins import (
     OWNER,
     REPO,
@@ -59,6 +61,36 @@ class BenchTack:
             self.proc.proc.kill()
 
 
+class PendingWatch:
+    """Reads /events live (no backfill: only what happens from now on) and
+    notes when each pipeline's ``pending`` arrives."""
+
+    def __init__(self, port: int) -> None:
+        self._client = EventsClient(port, cursor=None)
+        self._seen = threading.Condition()
+        self.pending_at: dict[str, float] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frame = json.loads(self._client.ws.recv())
+            except Exception:
+                return  # tack stopped
+            event = frame["event"]
+            if event.get("status") == "pending":
+                rkey = event["pipeline"].rsplit("/", 1)[1]
+                with self._seen:
+                    self.pending_at[rkey] = time.perf_counter()
+                    self._seen.notify_all()
+
+    def wait_for(self, rkey: str, timeout: float = 10.0) -> float:
+        with self._seen:
+            if not self._seen.wait_for(lambda: rkey in self.pending_at, timeout):
+                raise SystemExit(f"no pending frame for pipeline {rkey}")
+            return self.pending_at[rkey]
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
@@ -99,6 +131,43 @@ class Spread:
 def repeated(measure: Callable[[], float], runs: int) -> Spread:
     """``measure`` run ``runs`` times: one run alone says little on a shared machine."""
     return Spread([measure() for _ in range(runs)])
+
+
+def count_frames(sock, opcode_wanted: int, until: int | None = None) -> tuple[int, bytes, bytes]:
+    """Counts a stream's data frames of one opcode as fast as the socket
+    delivers them, to its close frame or to ``until`` frames: (count, first
+    payload, last payload).
+
+    websocket-client's per-frame cost (~25 us) would cap any server at about
+    40,000 frames/s, so this reads the socket in large chunks and walks the
+    frame headers (server frames are unmasked, RFC 6455 §5.2).
+    """
+    buffer, position, count = b"", 0, 0
+    first = last = b""
+    while until is None or count < until:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise SystemExit("the stream ended without a close frame")
+        buffer = buffer[position:] + chunk
+        position = 0
+        while len(buffer) - position >= 2:
+            opcode, length = buffer[position] & 0x0F, buffer[position + 1] & 0x7F
+            extra = {126: 2, 127: 8}.get(length, 0)
+            start = position + 2 + extra
+            if start > len(buffer):
+                break
+            if extra:
+                length = int.from_bytes(buffer[position + 2 : start], "big")
+            if start + length > len(buffer):
+                break
+            if opcode == 0x8:
+                return count, first, last
+            if opcode == opcode_wanted:
+                last = buffer[start : start + length]
+                first = first or last
+                count += 1
+            position = start + length
+    return count, first, last
 
 
 def report(result: dict) -> None:

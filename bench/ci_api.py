@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import websocket
-from _common import BenchTack, percentile, report
+from _common import BenchTack, count_frames, percentile, report
 
 from tests.appview_client import AppviewClient, decode_message
 from tests.standins import JetstreamStandin
@@ -199,7 +199,7 @@ def log_throughput(port: int) -> dict:
 
 def count_cbor_lines(client: AppviewClient, rkey: str) -> int:
     stream = client.subscribe_logs(rkey, ["lint.yml"], timeout=120)
-    first, last = count_frames(stream.ws, 0x2)
+    first, last = count_until_close(stream.ws, 0x2)
     decode_message(first)  # what was counted is what the lexicon says
     decode_message(last)
     return LINES
@@ -207,49 +207,18 @@ def count_cbor_lines(client: AppviewClient, rkey: str) -> int:
 
 def count_json_lines(port: int, rkey: str) -> int:
     url = f"ws://127.0.0.1:{port}/logs/{KNOT}/{rkey}/lint.yml"
-    first, last = count_frames(websocket.create_connection(url, timeout=120), 0x1)
+    first, last = count_until_close(websocket.create_connection(url, timeout=120), 0x1)
     json.loads(first)
     json.loads(last)
     return LINES
 
 
-def count_frames(ws: websocket.WebSocket, opcode_wanted: int) -> tuple[bytes, bytes]:
-    """Counts a stream's data frames as fast as the socket delivers them, to
-    its close; the first and last payloads.
-
-    websocket-client's per-frame cost (~25 us) would cap any server at about
-    40,000 frames/s, so this reads the socket in large chunks and walks the
-    frame headers (server frames are unmasked, RFC 6455 §5.2).
-    """
-    sock = ws.sock
-    buffer, position, count = b"", 0, 0
-    first = last = b""
-    while True:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            break
-        buffer = buffer[position:] + chunk
-        position = 0
-        while len(buffer) - position >= 2:
-            opcode, length = buffer[position] & 0x0F, buffer[position + 1] & 0x7F
-            extra = {126: 2, 127: 8}.get(length, 0)
-            start = position + 2 + extra
-            if start > len(buffer):
-                break
-            if extra:
-                length = int.from_bytes(buffer[position + 2 : start], "big")
-            if start + length > len(buffer):
-                break
-            if opcode == 0x8:
-                ws.shutdown()
-                assert count == LINES, count
-                return first, last
-            if opcode == opcode_wanted:
-                last = buffer[start : start + length]
-                first = first or last
-                count += 1
-            position = start + length
-    raise SystemExit("the stream ended without a close frame")
+def count_until_close(ws: websocket.WebSocket, opcode_wanted: int) -> tuple[bytes, bytes]:
+    """The stream's frames counted to its close: (first, last) payloads."""
+    count, first, last = count_frames(ws.sock, opcode_wanted)
+    ws.shutdown()
+    assert count == LINES, count
+    return first, last
 
 
 # --- 3. live delay ----------------------------------------------------------------------------

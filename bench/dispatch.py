@@ -16,15 +16,12 @@ the same run. Targets on 2 cores: p50 <= 3 ms in both scenarios.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 
 import websocket
-from _common import Spread, percentile, report, tack_serving_one_repo
+from _common import PendingWatch, Spread, percentile, report, tack_serving_one_repo
 
-from tests.spindle_clients import EventsClient
 from tests.standins import OWNER, KnotStandin, push_pipeline
 
 PIPELINES = int(os.environ.get("BENCH_PIPELINES", "1000"))
@@ -32,35 +29,6 @@ RATE = float(os.environ.get("BENCH_RATE", "50"))
 PACED = int(os.environ.get("BENCH_PACED", "500"))
 WORKERS = os.environ.get("BENCH_WORKERS", "200")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-
-
-class PendingWatch:
-    """Reads /events and notes when each pipeline's ``pending`` arrives."""
-
-    def __init__(self, port: int) -> None:
-        self._client = EventsClient(port)
-        self._seen = threading.Condition()
-        self.pending_at: dict[str, float] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                frame = json.loads(self._client.ws.recv())
-            except Exception:
-                return  # tack stopped
-            event = frame["event"]
-            if event.get("status") == "pending":
-                rkey = event["pipeline"].rsplit("/", 1)[1]
-                with self._seen:
-                    self.pending_at[rkey] = time.perf_counter()
-                    self._seen.notify_all()
-
-    def wait_for(self, rkey: str, timeout: float = 10.0) -> float:
-        with self._seen:
-            if not self._seen.wait_for(lambda: rkey in self.pending_at, timeout):
-                raise SystemExit(f"no pending frame for pipeline {rkey}")
-            return self.pending_at[rkey]
 
 
 def _pipeline(knot: KnotStandin, repo_name: str, index: int) -> dict:

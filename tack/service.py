@@ -26,7 +26,7 @@ from .api.follow import LogFollower
 from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
 from .api.operator import Operator, Probes
-from .api.server import App, Handler, Server, TackHTTPServer, encode_text_frame
+from .api.server import App, Handler, Server, TackHTTPServer, encode_utf8_frame
 from .api.webhooks import BUILDKITE_PATH, BuildkiteWebhooks
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth
@@ -92,7 +92,7 @@ class Spindle:
         self.directory = store.Directory(config.hostname, config.owner)
         self.logbook = LogBook(config.log_dir, config.max_log_bytes)
         self.pruner = Pruner(self.logbook, config.retention_days, self.stop_event)
-        self.statuses = StatusLog(self.db, encode=encode_text_frame, on_final=self.logbook.notify)
+        self.statuses = StatusLog(self.db, encode=encode_utf8_frame, on_final=self.logbook.notify)
         self.backends = backends
         self.callbacks = CallbackHub(self.statuses, self.stop_event, self._secrets_of_workflow)
         self.context.callbacks = self.callbacks
