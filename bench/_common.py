@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -27,6 +28,9 @@ from tests.standins import (
     repo,
     tack_env,
 )
+
+# How many times each benchmark repeats its measurement (median and spread).
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 
 class BenchTack:
@@ -126,6 +130,25 @@ class Spread:
             "low": round(self.low, 2),
             "high": round(self.high, 2),
         }
+
+
+class Latency:
+    """Repeated runs of one latency: the median and range of each run's p50
+    and of each run's p99 (milliseconds)."""
+
+    def __init__(self, runs: list[list[float]]) -> None:
+        self.p50 = Spread([percentile(run, 0.5) for run in runs])
+        self.p99 = Spread([percentile(run, 0.99) for run in runs])
+
+    def __str__(self) -> str:
+        return f"p50 {self.p50:.1f} ms, p99 {self.p99:.1f} ms"
+
+    def ratio_to(self, floor: Latency) -> float:
+        """p50 against the floor's, medians of the runs."""
+        return self.p50.median / floor.p50.median
+
+    def as_json(self) -> dict:
+        return {"p50_ms": self.p50.as_json(), "p99_ms": self.p99.as_json()}
 
 
 def repeated(measure: Callable[[], float], runs: int) -> Spread:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import websocket
 from _common import (
+    RUNS,
     PendingWatch,
     Spread,
     count_frames,
@@ -44,7 +45,6 @@ from tests.standins import OWNER, push_pipeline
 EVENTS = int(os.environ.get("BENCH_EVENTS", "1000000"))
 RATE = float(os.environ.get("BENCH_RATE", "20"))
 LIVE = int(os.environ.get("BENCH_LIVE_PIPELINES", "200"))
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 LOOKUPS = 2000
 
 

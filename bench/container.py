@@ -5,8 +5,9 @@ the container backend on podman (network "none" and "bridge"), each timed
 from ``run`` to the step's first output line (pull check, network, container
 start, exec) and from the step's end to ``run`` returning (container,
 network and workspace removed). The floor is ``podman run --rm`` of the
-same image running the same ``echo``, measured in the same run. Reported as
-p50 and p99 of each, for each network mode.
+same image running the same ``echo``, measured in the same run. The floor and both modes are
+measured in turn ``BENCH_RUNS`` times: the median and spread of each run's
+p50 and p99.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import percentile, report
+from _common import RUNS, Latency, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -82,34 +83,42 @@ def main() -> None:
     reason = containers.problem()
     if reason:
         raise SystemExit(f"cannot measure: {reason}")
-    result: dict = {"workflows": WORKFLOWS}
+    result: dict = {"workflows": WORKFLOWS, "runs": RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         image = containers.import_image(Path(tmp))
-        base = floor(image)
-        print(
-            f"floor (podman run --rm ... echo): p50 {percentile(base, 0.5):.0f} ms,"
-            f" p99 {percentile(base, 0.99):.0f} ms"
-        )
-        result["floor_p50_ms"] = round(percentile(base, 0.5), 1)
-        for network in ("none", "bridge"):
-            raw = {"type": "container", "runtime": "podman", "image": image,
-                   "network": network, "workspace_root": f"{tmp}/ws"}  # fmt: skip
-            backend = build("nixery", raw, Context("bench.test", dev=True))
-            book = LogBook(Path(tmp) / f"logs-{network}")
-            starts, teardowns = zip(
-                *(one_workflow(backend, book, i + 1) for i in range(WORKFLOWS)), strict=True
+        backends = {
+            network: build(
+                "nixery",
+                {"type": "container", "runtime": "podman", "image": image,
+                 "network": network, "workspace_root": f"{tmp}/ws"},
+                Context("bench.test", dev=True),
             )
-            p50, p99 = percentile(starts, 0.5), percentile(starts, 0.99)
-            t50, t99 = percentile(teardowns, 0.5), percentile(teardowns, 0.99)
+            for network in ("none", "bridge")
+        }  # fmt: skip
+        floors: list[list[float]] = []
+        starts: dict[str, list[list[float]]] = {network: [] for network in backends}
+        teardowns: dict[str, list[list[float]]] = {network: [] for network in backends}
+        workflow_id = 0
+        for run in range(RUNS):  # the floor and both modes in turn, each run
+            floors.append(floor(image))
+            for network, backend in backends.items():
+                book = LogBook(Path(tmp) / f"logs-{network}-{run}")
+                timed = []
+                for _ in range(WORKFLOWS):
+                    workflow_id += 1
+                    timed.append(one_workflow(backend, book, workflow_id))
+                starts[network].append([start for start, _ in timed])
+                teardowns[network].append([teardown for _, teardown in timed])
+        base = Latency(floors)
+        print(f"floor (podman run --rm ... echo): {base}")
+        result["floor"] = base.as_json()
+        for network in backends:
+            start, teardown = Latency(starts[network]), Latency(teardowns[network])
             print(
-                f"network {network}: start -> first step output p50 {p50:.0f} ms, p99 {p99:.0f} ms"
-                f" ({p50 / percentile(base, 0.5):.1f}x the floor); teardown p50 {t50:.0f} ms,"
-                f" p99 {t99:.0f} ms"
+                f"network {network}: start -> first step output {start}"
+                f" ({start.ratio_to(base):.1f}x the floor); teardown {teardown}"
             )
-            result[network] = {
-                "start_p50_ms": round(p50, 1), "start_p99_ms": round(p99, 1),
-                "teardown_p50_ms": round(t50, 1), "teardown_p99_ms": round(t99, 1),
-            }  # fmt: skip
+            result[network] = {"start": start.as_json(), "teardown": teardown.as_json()}
         containers.forget(image)
     report(result)
 

@@ -20,7 +20,7 @@ import os
 import time
 
 import websocket
-from _common import PendingWatch, Spread, percentile, report, tack_serving_one_repo
+from _common import RUNS, Latency, PendingWatch, report, tack_serving_one_repo
 
 from tests.standins import OWNER, KnotStandin, push_pipeline
 
@@ -28,7 +28,6 @@ PIPELINES = int(os.environ.get("BENCH_PIPELINES", "1000"))
 RATE = float(os.environ.get("BENCH_RATE", "50"))
 PACED = int(os.environ.get("BENCH_PACED", "500"))
 WORKERS = os.environ.get("BENCH_WORKERS", "200")
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 
 def _pipeline(knot: KnotStandin, repo_name: str, index: int) -> dict:
@@ -86,29 +85,27 @@ def floor() -> list[float]:
         ws.close()
 
 
-def summarize(name: str, runs: list[list[float]]) -> dict:
-    p50 = Spread([percentile(run, 0.5) for run in runs])
-    p99 = Spread([percentile(run, 0.99) for run in runs])
-    print(
-        f"{name}: p50 {p50.median:.2f} ms (runs {p50.low:.2f}-{p50.high:.2f}),"
-        f" p99 {p99.median:.1f} ms (runs {p99.low:.1f}-{p99.high:.1f})"
-    )
-    return {"p50_ms": p50.as_json(), "p99_ms": p99.as_json()}
-
-
 def main() -> None:
-    floor_runs = [floor() for _ in range(RUNS)]
-    single = [one_at_a_time() for _ in range(RUNS)]
-    busy = [paced() for _ in range(RUNS)]
-    result = {
-        "floor": summarize("floor (knot stand-in -> client, nothing between)", floor_runs),
-        "one_at_a_time": summarize(f"{PIPELINES} pipelines one at a time, 4 workers", single),
-        "paced": summarize(
-            f"{PACED} pipelines at {RATE:.0f}/s, {WORKERS} workers (target p50 <= 3 ms)", busy
-        ),
-        "runs": RUNS,
-    }
-    report(result)
+    floor_runs = Latency([floor() for _ in range(RUNS)])
+    single = Latency([one_at_a_time() for _ in range(RUNS)])
+    busy = Latency([paced() for _ in range(RUNS)])
+    print(f"floor (knot stand-in -> client, nothing between): {floor_runs}")
+    print(
+        f"{PIPELINES} pipelines one at a time, 4 workers: {single};"
+        f" p50 {single.ratio_to(floor_runs):.1f}x the floor (target p50 <= 3 ms)"
+    )
+    print(
+        f"{PACED} pipelines at {RATE:.0f}/s, {WORKERS} workers: {busy};"
+        f" p50 {busy.ratio_to(floor_runs):.1f}x the floor (target p50 <= 3 ms)"
+    )
+    report(
+        {
+            "floor": floor_runs.as_json(),
+            "one_at_a_time": single.as_json(),
+            "paced": busy.as_json(),
+            "runs": RUNS,
+        }
+    )
 
 
 if __name__ == "__main__":

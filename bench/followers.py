@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import websocket
-from _common import Spread, report, tack_serving_one_repo
+from _common import RUNS, Spread, report, tack_serving_one_repo
 
 from tests.appview_client import AppviewClient
 from tests.spindle_clients import EventsClient
@@ -31,7 +31,6 @@ from tests.standins import OWNER, push_pipeline
 
 FOLLOWERS = int(os.environ.get("BENCH_FOLLOWERS", "200"))
 LINES = int(os.environ.get("BENCH_LOG_LINES", "200000"))
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 QUIET = "dummy:\n  delay: 60\nsteps:\n" + "".join(
     f"  - name: wait {i}\n    command: 'true'\n" for i in range(30)
 )

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import time
 
-from _common import BenchTack, Spread, report
+from _common import RUNS, BenchTack, Spread, report
 from connections import IdleKnots
 
 from tests.standins import OWNER, REPO, Clock, JetstreamStandin, commit, repo
 
 KNOTS = int(os.environ.get("BENCH_KNOTS", "2000"))
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 WINDOW = 10.0
 
 

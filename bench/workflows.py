@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import websocket
-from _common import Spread, report
+from _common import RUNS, Spread, report
 
 from tests.standins import (
     OWNER,
@@ -41,7 +41,6 @@ from tests.standins import (
 PIPELINES = int(os.environ.get("BENCH_PIPELINES", "50"))
 WORKFLOWS = int(os.environ.get("BENCH_WORKFLOWS", "20"))
 BASELINE = os.environ.get("BENCH_BASELINE", "3e099a8")
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 ROOT = Path(__file__).resolve().parent.parent
 STEP = "steps:\n  - name: one\n    command: 'true'\n"
 
