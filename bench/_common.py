@@ -67,12 +67,14 @@ class BenchTack:
 
 class PendingWatch:
     """Reads /events live (no backfill: only what happens from now on) and
-    notes when each pipeline's ``pending`` arrives."""
+    notes when each pipeline's first ``pending`` arrives, and each compiled
+    pipeline's commit (from its ``sh.tangled.pipeline`` frame)."""
 
     def __init__(self, port: int) -> None:
         self._client = EventsClient(port, cursor=None)
         self._seen = threading.Condition()
         self.pending_at: dict[str, float] = {}
+        self._sha_of: dict[str, str] = {}
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -81,18 +83,42 @@ class PendingWatch:
                 frame = json.loads(self._client.ws.recv())
             except Exception:
                 return  # tack stopped
+            now = time.perf_counter()
             event = frame["event"]
-            if event.get("status") == "pending":
-                rkey = event["pipeline"].rsplit("/", 1)[1]
-                with self._seen:
-                    self.pending_at[rkey] = time.perf_counter()
-                    self._seen.notify_all()
+            with self._seen:
+                if frame["nsid"] == "sh.tangled.pipeline":
+                    self._sha_of[frame["rkey"]] = event["triggerMetadata"]["push"]["newSha"]
+                elif event.get("status") == "pending":
+                    self.pending_at.setdefault(event["pipeline"].rsplit("/", 1)[1], now)
+                self._seen.notify_all()
 
     def wait_for(self, rkey: str, timeout: float = 10.0) -> float:
+        """When pipeline ``rkey``'s first ``pending`` arrived."""
         with self._seen:
             if not self._seen.wait_for(lambda: rkey in self.pending_at, timeout):
                 raise SystemExit(f"no pending frame for pipeline {rkey}")
             return self.pending_at[rkey]
+
+    def wait_for_sha(self, sha: str, timeout: float = 30.0) -> float:
+        """When the first ``pending`` of the pipeline tack compiled for ``sha`` arrived."""
+
+        def arrived() -> float | None:
+            for rkey, pipeline_sha in self._sha_of.items():
+                if pipeline_sha == sha and rkey in self.pending_at:
+                    return self.pending_at[rkey]
+            return None
+
+        with self._seen:
+            if not self._seen.wait_for(lambda: arrived() is not None, timeout):
+                raise SystemExit(f"no pending status for {sha}")
+            return arrived()
+
+
+def insert_rows(db, table: str, columns: str, rows) -> None:
+    """Rows written straight into one of tack's tables: a benchmark's store
+    filled without going through intake (which would measure intake)."""
+    placeholders = ", ".join("?" for _ in columns.split(","))
+    db.cursor().executemany(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", rows)
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -35,6 +35,7 @@ from _common import (
     PendingWatch,
     Spread,
     count_frames,
+    insert_rows,
     percentile,
     report,
     tack_serving_one_repo,
@@ -70,22 +71,21 @@ def fill_store(path: Path) -> tuple[int, int]:
     # Events point at their workflow (a foreign key): a thousand finished
     # workflows of a thousand pipelines carry them.
     owners = [(f"p{n:04d}", n * 1000) for n in range(1, 1001)]
+    knot = "knot.example.com"
     with db.atomic():
-        db.cursor().executemany(
-            "INSERT INTO pipeline (knot, rkey, repo_owner, repo_name, record, accepted_at, kind)"
-            " VALUES ('knot.example.com', ?, 'did:plc:owner', 'r', '{}', ?, 'push')",
-            owners,
+        insert_rows(
+            db,
+            "pipeline",
+            "knot, rkey, repo_owner, repo_name, record, accepted_at, kind",
+            [(knot, rkey, "did:plc:owner", "r", "{}", at, "push") for rkey, at in owners],
         )
-        db.cursor().executemany(
-            "INSERT INTO workflow (knot, rkey, name, engine, status, created_at, updated_at)"
-            " VALUES ('knot.example.com', ?, 'w.yml', 'dummy', 'success', ?, ?)",
-            [(rkey, at, at) for rkey, at in owners],
+        insert_rows(
+            db,
+            "workflow",
+            "knot, rkey, name, engine, status, created_at, updated_at",
+            [(knot, rkey, "w.yml", "dummy", "success", at, at) for rkey, at in owners],
         )
-        db.cursor().executemany(
-            "INSERT INTO status_event (rkey, created, workflow_id, status, frame)"
-            " VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
+        insert_rows(db, "status_event", "rkey, created, workflow_id, status, frame", rows)
     db.close()
     return rows[0][1], rows[-1][1]
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import websocket
-from _common import RUNS, BenchTack, Latency, Spread, count_frames, report
+from _common import RUNS, BenchTack, Latency, Spread, count_frames, insert_rows, report
 
 from tests.appview_client import AppviewClient, decode_message
 from tests.standins import JetstreamStandin
@@ -94,14 +94,16 @@ def fill_store(root: Path) -> list[str]:
         for name in ("build.yml", "lint.yml"):
             workflows.append((KNOT, rkey, name, "dummy", "success", at, at + 10**9, at, at + 10**9))
     with db.atomic():
-        db.cursor().executemany(
-            "INSERT INTO pipeline (knot, rkey, repo_owner, repo_name, record, accepted_at,"
-            " repo_did, kind, sha) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        insert_rows(
+            db,
+            "pipeline",
+            "knot, rkey, repo_owner, repo_name, record, accepted_at, repo_did, kind, sha",
             pipelines,
         )
-        db.cursor().executemany(
-            "INSERT INTO workflow (knot, rkey, name, engine, status, created_at, updated_at,"
-            " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        insert_rows(
+            db,
+            "workflow",
+            "knot, rkey, name, engine, status, created_at, updated_at, started_at, finished_at",
             workflows,
         )
     last = db.execute_sql("SELECT max(id) FROM workflow").fetchone()[0]

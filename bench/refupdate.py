@@ -17,19 +17,16 @@ median and spread. Target on 2 cores: p99 <= 300 ms with a warm mirror.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import RUNS, BenchTack, Latency, Spread, report
+from _common import RUNS, BenchTack, Latency, PendingWatch, Spread, report
 
 from tack.intake.fetch import mirror_config
-from tests.spindle_clients import EventsClient
 from tests.standins import (
     OWNER,
     REPO,
@@ -73,7 +70,7 @@ def intake_latency(root: Path) -> dict:
         for index, sha in enumerate(shas):
             sent = time.perf_counter()
             knot.send_ref_update(REPO_DID, sha, changed_files=["n"])
-            arrived = watch.wait_for(sha)
+            arrived = watch.wait_for_sha(sha)
             if index:  # the first push warms the mirror
                 runs[(index - 1) // PUSHES].append((arrived - sent) * 1000)
     finally:
@@ -87,44 +84,6 @@ def intake_latency(root: Path) -> dict:
     knot.close()
     jetstream.close()
     return {"pushes": PUSHES, "runs": RUNS, **latency.as_json(), "git_floor": floor.as_json()}
-
-
-class PendingWatch:
-    """Follows /events: each pipeline's sha (from its pipeline frame) and the
-    moment its first ``pending`` status arrived."""
-
-    def __init__(self, port: int) -> None:
-        self._client = EventsClient(port, cursor=None)
-        self._pending_at: dict[str, float] = {}
-        self._sha_of: dict[str, str] = {}
-        self._seen = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                frame = json.loads(self._client.ws.recv())
-            except Exception:
-                return  # tack stopped
-            now = time.perf_counter()
-            with self._seen:
-                if frame["nsid"] == "sh.tangled.pipeline":
-                    push = frame["event"]["triggerMetadata"]["push"]
-                    self._sha_of[frame["rkey"]] = push["newSha"]
-                elif frame["event"]["status"] == "pending":
-                    rkey = frame["event"]["pipeline"].rsplit("/", 1)[1]
-                    self._pending_at.setdefault(rkey, now)
-                self._seen.notify_all()
-
-    def wait_for(self, sha: str) -> float:
-        deadline = time.monotonic() + 30
-        with self._seen:
-            while time.monotonic() < deadline:
-                for rkey, pipeline_sha in self._sha_of.items():
-                    if pipeline_sha == sha and rkey in self._pending_at:
-                        return self._pending_at[rkey]
-                self._seen.wait(1.0)
-        raise SystemExit(f"no pending status for {sha}")
 
 
 def git_floor(knot: KnotStandin, shas: list[str]) -> list[float]:
