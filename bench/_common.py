@@ -150,6 +150,10 @@ class Spread:
             f" spread {self.low:{spec}}-{self.high:{spec}})"
         )
 
+    def ratio_to(self, floor: Spread) -> float:
+        """This figure against its floor, median to median."""
+        return self.median / floor.median
+
     def as_json(self) -> dict:
         return {
             "median": round(self.median, 2),
@@ -171,7 +175,7 @@ class Latency:
 
     def ratio_to(self, floor: Latency) -> float:
         """p50 against the floor's, medians of the runs."""
-        return self.p50.median / floor.p50.median
+        return self.p50.ratio_to(floor.p50)
 
     def as_json(self) -> dict:
         return {"p50_ms": self.p50.as_json(), "p99_ms": self.p99.as_json()}

@@ -122,7 +122,7 @@ def cursor_lookup(path: Path, first_ns: int, last_ns: int) -> dict:
     cost, floor = Spread(runs), Spread(floors)
     print(
         f"first_id_after with {EVENTS:,} events: p99 {cost:.0f} us;"
-        f" floor (a primary-key lookup) p99 {floor:.0f} us, ratio {cost.median / floor.median:.1f}"
+        f" floor (a primary-key lookup) p99 {floor:.0f} us, ratio {cost.ratio_to(floor):.1f}"
     )
     return {"first_id_after_p99_us": cost.as_json(), "lookup_floor_p99_us": floor.as_json()}
 
@@ -163,7 +163,7 @@ def backfill_rate(port: int, path: Path) -> dict:
     print(
         f"backfill of {EVENTS:,} events to one subscriber: {rate} frames/s"
         f" (target >= 200,000); floor (the same rows read from SQLite, nothing sent)"
-        f" {floor} rows/s, ratio {rate.median / floor.median:.2f}"
+        f" {floor} rows/s, ratio {rate.ratio_to(floor):.2f}"
     )
     return {"backfill_frames_per_s": rate.as_json(), "store_read_rows_per_s": floor.as_json()}
 
@@ -209,7 +209,7 @@ def live_during_backfill(tack, knot, repo_name: str) -> dict:
     print(
         f"{LIVE} pipelines at {RATE:.0f}/s, knot frame -> pending on a live subscriber:"
         f" p99 {floor:.1f} ms alone; p99 {during:.1f} ms during backfills of {EVENTS:,} events"
-        f" ({backfills} completed meanwhile), ratio {during.median / floor.median:.1f}"
+        f" ({backfills} completed meanwhile), ratio {during.ratio_to(floor):.1f}"
         f" (target <= 20 ms)"
     )
     return {"live_p99_ms": during.as_json(), "live_floor_p99_ms": floor.as_json()}

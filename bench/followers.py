@@ -27,7 +27,7 @@ from _common import RUNS, Spread, report, tack_serving_one_repo
 
 from tests.appview_client import AppviewClient
 from tests.spindle_clients import EventsClient
-from tests.standins import OWNER, push_pipeline
+from tests.standins import OWNER, push_pipeline, wait_until
 
 FOLLOWERS = int(os.environ.get("BENCH_FOLLOWERS", "200"))
 LINES = int(os.environ.get("BENCH_LOG_LINES", "200000"))
@@ -60,7 +60,9 @@ class Bench:
             )
             rkey = self.knot.send_pipeline(record)
             quiet += [(rkey, name) for name in batch]
-        self._wait(lambda: self._count("running", names) == len(names), "quiet workflows running")
+        wait_until(
+            lambda: self._count("running", names) == len(names), 60, "quiet workflows running"
+        )
         return quiet
 
     def chatty_rate(self) -> float:
@@ -71,30 +73,20 @@ class Bench:
         self.knot.send_pipeline(
             push_pipeline(self.knot.name, OWNER, self.repo_name, [(name, "shell", CHATTY)])
         )
-        self._wait(lambda: self._count("success", [name]) == 1, f"{name} finished", 120)
+        wait_until(lambda: self._count("success", [name]) == 1, 120, f"{name} finished")
         # The quiet workflows' logs may show up late too; the chatty one is the big one.
         path = max(set(self.log_dir.iterdir()) - before, key=lambda p: p.stat().st_size)
         return written_rate(path)
 
     def _count(self, status: str, names: list[str]) -> int:
-        wanted = set(names)
-        for frame in self.events.frames:
+        """How many of ``names`` reached ``status``; a failed one ends the bench."""
+        wanted, count = set(names), 0
+        for frame in list(self.events.frames):
             event = frame["event"]
             if event.get("status") in ("failed", "timeout"):
                 raise SystemExit(f"{event['workflow']} {event['status']}: {event.get('error')}")
-        return sum(
-            1
-            for frame in list(self.events.frames)
-            if frame["event"].get("status") == status and frame["event"]["workflow"] in wanted
-        )
-
-    @staticmethod
-    def _wait(done, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out waiting for {what}")
-            time.sleep(0.02)
+            count += event.get("status") == status and event["workflow"] in wanted
+        return count
 
 
 def written_rate(path: Path) -> float:

@@ -128,7 +128,7 @@ def fetch_cost(root: Path) -> dict:
     print(
         f"workflow fetch, {FILES} files: cold {cold:.0f} ms ({mirror_kb:.0f} KiB kept),"
         f" warm {warm:.0f} ms; floor: shallow clone {clone:.0f} ms ({clone_kb:.0f} KiB),"
-        f" ratio cold/clone {cold.median / clone.median:.2f}"
+        f" ratio cold/clone {cold.ratio_to(clone):.2f}"
     )
     return {
         "files": FILES,

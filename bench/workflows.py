@@ -119,7 +119,7 @@ def main() -> None:
     print(f"baseline ({BASELINE}): {base} workflows/s")
     print(
         f"tack now: {now} workflows/s for {total} dummy workflows, 4 workers;"
-        f" {now.median / base.median:.2f}x the baseline (target >= 2x)"
+        f" {now.ratio_to(base):.2f}x the baseline (target >= 2x)"
     )
     report(
         {
@@ -127,7 +127,7 @@ def main() -> None:
             "baseline": BASELINE,
             "baseline_wps": base.as_json(),
             "wps": now.as_json(),
-            "ratio": round(now.median / base.median, 2),
+            "ratio": round(now.ratio_to(base), 2),
         }
     )
 

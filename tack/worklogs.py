@@ -120,7 +120,8 @@ class Wakeup:
     poll(2) covers both: a client closing its end is answered at once, and a
     follower of a quiet workflow sleeps without waking to look.
 
-    Rung and closed only under ``LogBook._guard``.
+    Rung only under ``LogBook._guard``, and closed only once no longer
+    reachable from it, so a reused descriptor number is never rung.
     """
 
     def __init__(self) -> None:

@@ -358,13 +358,13 @@ _SHORT_HEADER, _MEDIUM_HEADER, _LONG_HEADER = (
 )
 
 
-def encode_text_frame(text: str) -> bytes:
-    return _server_frame(ABNF.OPCODE_TEXT, text.encode("utf-8"))
-
-
 def encode_utf8_frame(data: bytes) -> bytes:
     """A text frame of text already UTF-8 (a stored status event)."""
     return _server_frame(ABNF.OPCODE_TEXT, data)
+
+
+def encode_text_frame(text: str) -> bytes:
+    return encode_utf8_frame(text.encode("utf-8"))
 
 
 def encode_binary_frame(data: bytes) -> bytes:
