@@ -25,6 +25,7 @@ from . import logs, records, retry, store
 from .intake import backfill
 from .intake.backfill import Backfill
 from .intake.knots import KnotSubscriptions
+from .intake.wanted_knots import KnotChanges
 from .records import BadRecord, Change
 from .retry import ShutdownDuringRetry
 from .stream import Backoff, Follower
@@ -44,9 +45,6 @@ MAX_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 # On shutdown the applier keeps draining already-received frames this long;
 # what is left is replayed from the saved cursor on the next start.
 DRAIN_SECONDS = 4.0
-
-# ``_touched_knots``' answer when every knot must be looked at again.
-ALL_KNOTS = object()
 
 
 def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
@@ -112,6 +110,7 @@ class Applier:
         self._knots = knots
         self._stop = stop
         self._known_knots = set(known_knots)
+        self._knot_changes = KnotChanges(directory)
         self.cursor: int | None = store.get_cursor(CURSOR_NAME)
         self.applied = 0
         self.unwritable = 0
@@ -176,36 +175,33 @@ class Applier:
             # must not make a restart skip everything published meanwhile.
             if time_us is not None and time_us <= latest_plausible:
                 newest = max(newest, time_us)
-        # The knots these changes may make wanted or unwanted, as the rows
-        # stand before them (a deleted repo's knot) and after (a new one's).
-        touched = self._with_retry(lambda: self._touched_knots(changes))
         try:
-            self._with_retry(lambda: self._commit(changes, newest))
+            touched = self._with_retry(lambda: self._commit(changes, newest))
         except ShutdownDuringRetry:
             raise
         except Exception as exc:
             # Something in the run is permanently unwritable. Find it by
             # writing one change at a time; the rest still land, in order.
             log.warning("batch failed, applying one by one", extra={"error": repr(exc)[:300]})
+            touched = set()
             for change in changes:
-                self._apply_single(change)
-            self._with_retry(lambda: self._commit([], newest))
-        if touched is ALL_KNOTS:
-            self._with_retry(self._reconcile_knots)
-        elif touched:
-            self._with_retry(lambda: self._reconcile_some_knots(touched))
+                touched |= self._apply_single(change)
+            touched |= self._with_retry(lambda: self._commit([], newest))
+        if touched:
+            self._with_retry(lambda: self._reconcile_knots(touched))
         if any(c.action == "pull_event" for c in changes):
             self._on_pull_events()
         for change in changes:
             if change.collection == records.REPO and change.action == "upsert":
                 self._note_repo_did_claim(change)
 
-    def _apply_single(self, change: Change) -> None:
+    def _apply_single(self, change: Change) -> set[str]:
+        """Write one change alone; the knots it touched (none when unwritable)."""
         try:
             cursor = self.cursor or 0
             if change.time_us <= time.time_ns() // 1000 + MAX_CLOCK_SKEW_US:
                 cursor = max(cursor, change.time_us)
-            self._with_retry(lambda: self._commit([change], cursor))
+            return self._with_retry(lambda: self._commit([change], cursor))
         except ShutdownDuringRetry:
             raise
         except Exception as exc:
@@ -214,15 +210,20 @@ class Applier:
                 "record could not be written, skipped",
                 extra={**change.ids, "error": repr(exc)[:300]},
             )
+            return set()
 
-    def _commit(self, changes: list[Change], cursor: int) -> None:
-        """The changes and the cursor land together or not at all."""
+    def _commit(self, changes: list[Change], cursor: int) -> set[str]:
+        """The changes and the cursor land together or not at all; the knots
+        whose wanted-ness they may have flipped."""
+        self._knot_changes.track()
         with self._db.atomic():
             store.apply_changes(changes, may_grant=self._directory.is_member)
+            touched = self._knot_changes.take()
             if cursor and cursor != self.cursor:
                 store.save_cursor(CURSOR_NAME, cursor)
         self.cursor = cursor or self.cursor
         self.applied += len(changes)
+        return touched
 
     def _with_retry(self, operation: Callable[[], object]) -> object:
         """Retry I/O trouble in place, forever, until it works or we shut down."""
@@ -249,27 +250,8 @@ class Applier:
 
     # --- knots ------------------------------------------------------------------
 
-    def _touched_knots(self, changes: list[Change]) -> set[str] | object:
-        """Knots whose wanted-ness these changes may flip; ``ALL_KNOTS`` when
-        only a full look can tell (an account deleted).
-
-        Looking only at these keeps ingest flat however many repos are
-        stored: reading every served repo after each batch made ingest fall
-        from ~50k to ~2k events/s at a million rows.
-        """
-        if any(change.action == "delete_account" for change in changes):
-            return ALL_KNOTS
-        repos = [c for c in changes if c.collection == records.REPO]
-        members = [c for c in changes if c.collection == records.MEMBER]
-        knots = {c.row["knot"] for c in repos if c.action == "upsert"}
-        knots |= self._directory.knots_of_repos([(c.did, c.rkey) for c in repos])
-        if members:
-            subjects = {c.row["subject"] for c in members if c.action == "upsert"}
-            subjects |= self._directory.member_subjects([(c.did, c.rkey) for c in members])
-            knots |= self._directory.knots_of_owners(subjects)
-        return knots
-
-    def _reconcile_some_knots(self, knots: set[str]) -> None:
+    def _reconcile_knots(self, knots: set[str]) -> None:
+        """Tell the knot side about those of ``knots`` that became wanted or unwanted."""
         for knot in sorted(knots):
             wanted = self._directory.is_knot_wanted(knot)
             if wanted and knot not in self._known_knots:
@@ -278,15 +260,6 @@ class Applier:
             elif not wanted and knot in self._known_knots:
                 self._known_knots.discard(knot)
                 self._knots.remove_knot(knot)
-
-    def _reconcile_knots(self) -> None:
-        """Tell the knot side about knots that became wanted or unwanted."""
-        wanted = self._directory.wanted_knots()
-        for knot in sorted(wanted - self._known_knots):
-            self._knots.add_knot(knot)
-        for knot in sorted(self._known_knots - wanted):
-            self._knots.remove_knot(knot)
-        self._known_knots = wanted
 
 
 class Ingester:

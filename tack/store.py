@@ -469,22 +469,6 @@ def release_connection() -> None:
         database.close()
 
 
-def _column_by_keys(table: str, column: str, keys: list[tuple[str, str]]) -> set[str]:
-    """One column of the rows with these (did, rkey) keys, in one query.
-
-    A join against the keys as a VALUES list walks the primary key once per
-    key; ``(did, rkey) IN (…)`` would scan the whole table.
-    """
-    if not keys:
-        return set()
-    values = ", ".join("(?, ?)" for _ in keys)
-    sql = (
-        f"SELECT DISTINCT t.{column} FROM (VALUES {values}) AS k "
-        f"JOIN {table} AS t ON t.did = k.column1 AND t.rkey = k.column2"
-    )
-    return {row[0] for row in database.execute_sql(sql, [v for key in keys for v in key])}
-
-
 def compile_once(build: Callable[[], peewee.Query]) -> Callable[[], str]:
     """The SQL of a statement on a hot path, built by peewee on first use.
 
@@ -839,21 +823,13 @@ class Directory:
         params = (self.hostname, self.owner, self.owner, self.hostname, knot, 1)
         return database.execute_sql(_IS_KNOT_WANTED(), params).fetchone() is not None
 
-    def knots_of_repos(self, keys: list[tuple[str, str]]) -> set[str]:
-        """The knots these stored repo records, by (did, rkey), name now."""
-        return _column_by_keys("repo", "knot", keys)
-
-    def member_subjects(self, keys: list[tuple[str, str]]) -> set[str]:
-        """Whom these stored member records, by (did, rkey), invite now."""
-        return _column_by_keys("member", "subject", keys)
-
     def knots_of_owners(self, dids: set[str]) -> set[str]:
-        """The knots of every stored repo these DIDs own."""
+        """The knots of every stored repo these DIDs own that names this spindle."""
         if not dids:
             return set()
         placeholders = ", ".join("?" for _ in dids)
-        sql = f"SELECT DISTINCT knot FROM repo WHERE did IN ({placeholders})"
-        return {row[0] for row in database.execute_sql(sql, list(dids))}
+        sql = f"SELECT DISTINCT knot FROM repo WHERE did IN ({placeholders}) AND spindle = ?"
+        return {row[0] for row in database.execute_sql(sql, [*dids, self.hostname])}
 
     def wanted_knots(self) -> set[str]:
         """Knots hosting at least one repo we serve: the streams to subscribe to."""
