@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import peewee
@@ -43,6 +43,42 @@ log = logs.get("scheduler")
 RESTART_ERROR = "tack restarted while this workflow ran"
 CANCEL_POLL_SECONDS = 1.0
 SecretsFor = Callable[[Pipeline], dict[str, str]]
+# Pipelines whose decoded record the workers keep: a pipeline's workflows run
+# close together, and each re-read and re-decoded the whole record (every
+# workflow's file) only to take its own entry.
+PIPELINES_KEPT = 64
+
+
+class PipelineRecords:
+    """Stored pipelines and their decoded records, the most recent kept.
+
+    A pipeline row and its record never change once accepted, so what is
+    kept cannot go stale. The record is shared by every job of the pipeline:
+    backends read it and never change it (``Job.pipeline``).
+    """
+
+    def __init__(self, size: int = PIPELINES_KEPT) -> None:
+        self._size = size
+        self._kept: OrderedDict[tuple[str, str], tuple[Pipeline, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, knot: str, rkey: str) -> tuple[Pipeline, dict]:
+        """The pipeline (knot, rkey) and its record; LookupError when not stored."""
+        key = (knot, rkey)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None:
+                self._kept.move_to_end(key)
+                return kept
+        pipeline = pipeline_by_key(knot, rkey)
+        if pipeline is None:
+            raise LookupError(f"pipeline {knot}/{rkey} is not stored")
+        kept = (pipeline, json.loads(pipeline.record))
+        with self._lock:
+            self._kept[key] = kept
+            if len(self._kept) > self._size:
+                self._kept.popitem(last=False)
+        return kept
 
 
 class Scheduler:
@@ -73,6 +109,7 @@ class Scheduler:
         self._dev = dev
         self._stop = stop
         self._secrets_for = secrets_for
+        self._pipelines = PipelineRecords()
         self._work = threading.Condition()
         self._resumable: deque[int] = deque()
         self._cancels: dict[int, CancelFlag] = {}
@@ -282,13 +319,12 @@ class Scheduler:
     ) -> tuple[Outcome, str | None]:
         """How the workflow ended, and the name of the backend it ran on
         (None when it had none)."""
-        pipeline = self._with_retry(lambda: pipeline_by_key(workflow.knot, workflow.rkey))
-        if pipeline is None:
-            raise LookupError(f"pipeline {workflow.knot}/{workflow.rkey} is not stored")
+        pipeline, record = self._with_retry(
+            lambda: self._pipelines.get(workflow.knot, workflow.rkey)
+        )
         secrets = self._with_retry(lambda: self._secrets_for(pipeline))
         workflow_log = self._logbook.open(workflow.id, secrets.values())
         try:
-            record = json.loads(pipeline.record)
             try:
                 backend = self._route(workflow, record)
             except WorkflowError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import random
 import threading
 import time
@@ -144,8 +145,11 @@ class StatusLog:
         for workflow_id, fields in said:
             if fields["status"] in FINAL:
                 self._on_final(workflow_id)
+        # A pending workflow was already named by "pipeline accepted": at
+        # info only what happened to it since, a line fewer per workflow.
         for _, fields in said:
-            log.info("workflow status", extra=fields)
+            level = logging.DEBUG if fields["status"] == PENDING else logging.INFO
+            log.log(level, "workflow status", extra=fields)
 
     def _publish(self, events: list[tuple[int, bytes]]) -> None:
         with self._changed:

@@ -113,7 +113,9 @@ class Job:
     name: str
     engine: str
     pipeline_uri: str
-    pipeline: dict[str, Any]  # the pipeline record as the knot sent it
+    # The pipeline record as the knot sent it (or tack compiled it), shared
+    # by every job of the pipeline: read it, never change it.
+    pipeline: dict[str, Any]
     workflow: dict[str, Any]  # this workflow's entry in it (name, engine, clone, raw)
     spec: WorkflowSpec
     env: dict[str, str]  # CI and TANGLED_* variables (protocol §2)
