@@ -261,22 +261,25 @@ class Scheduler:
             self._cancels[workflow.id] = cancel
             return workflow, True
 
+        flag = CancelFlag()  # made before the lock that every status write waits for
+
         def attempt() -> Workflow | None:
             with self._statuses.writing() as statuses:
-                return self._claim_next(statuses)
+                return self._claim_next(statuses, flag)
 
         return self._claimed(self._with_retry(attempt))
 
-    def _claim_next(self, statuses: StatusLog) -> Workflow | None:
+    def _claim_next(self, statuses: StatusLog, flag: CancelFlag) -> Workflow | None:
         """Inside a status transaction: the oldest pending workflow, now running.
 
-        Its cancel flag is made under the status lock, before the commit: a
-        cancel (which takes that lock) can then never fall between the
-        commit and the flag and leave the run untold."""
+        Its cancel flag (``flag``, made beforehand) is registered under the
+        status lock, before the commit: a cancel (which takes that lock) can
+        then never fall between the commit and the flag and leave the run
+        untold."""
         workflow = next_pending_workflow()
         if workflow is not None:
             statuses.append(workflow, RUNNING)
-            self._cancels[workflow.id] = CancelFlag()
+            self._cancels[workflow.id] = flag
         return workflow
 
     @staticmethod
@@ -408,12 +411,14 @@ class Scheduler:
         or while stopping); which status it was, and that workflow."""
         status = outcome.status if outcome.status in FINAL else "failed"
 
+        flag = CancelFlag()  # for the next workflow, made before the lock
+
         def attempt() -> Workflow | None:
             with self._statuses.writing() as statuses:
                 statuses.append(workflow, status, outcome.error, outcome.exit_code)
                 if self._stop.is_set() or self._resumable:
                     return None
-                return self._claim_next(statuses)
+                return self._claim_next(statuses, flag)
 
         return status, self._with_retry(attempt)
 

@@ -138,6 +138,9 @@ class Acceptor:
 
     def _write(self, new: NewPipeline) -> str | None:
         now = time.time_ns()
+        # Worked out before the lock that every status write waits for.
+        record_text = json.dumps(new.record)
+        errors = [self._error_of(compiled) for compiled in new.workflows]
         with self._statuses.writing() as statuses:
             if self._duplicate(new, now):
                 return None
@@ -152,7 +155,7 @@ class Acceptor:
                     "rkey": rkey,
                     "repo_owner": new.repo.did,
                     "repo_name": new.repo.name or new.repo.rkey,
-                    "record": json.dumps(new.record),
+                    "record": record_text,
                     "accepted_at": created,
                     "repo_did": new.repo_did,
                     "kind": new.record["triggerMetadata"]["kind"],
@@ -163,8 +166,8 @@ class Acceptor:
             rows = [self._workflow_row(new.knot, rkey, w, now) for w in new.workflows]
             if new.rkey is None:
                 statuses.append_pipeline(created, rkey, rows[0].id, new.record)
-            for row, compiled in zip(rows, new.workflows, strict=True):
-                self._announce(statuses, row, compiled)
+            for row, compiled, error in zip(rows, new.workflows, errors, strict=True):
+                self._announce(statuses, row, compiled, error)
         return rkey
 
     def _duplicate(self, new: NewPipeline, now: int) -> bool:
@@ -210,13 +213,22 @@ class Acceptor:
         }
         return Workflow(id=insert_row(Workflow, values), **values)
 
-    def _announce(self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow) -> None:
-        error = compiled.error
-        if error is None:
-            try:
-                self._backends.route(compiled.engine, compiled.raw)
-            except WorkflowError as exc:
-                error = str(exc)
+    def _error_of(self, compiled: CompiledWorkflow) -> str | None:
+        """Why a compiled workflow cannot run here (its file, or no backend
+        for its engine); None when it can."""
+        if compiled.error is not None:
+            return compiled.error
+        try:
+            self._backends.route(compiled.engine, compiled.raw)
+        except WorkflowError as exc:
+            return str(exc)
+        return None
+
+    def _announce(
+        self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow, error: str | None
+    ) -> None:
+        """``pending`` for a workflow that can run; else ``failed`` with
+        ``error``, written to its log first."""
         if error is None:
             statuses.append(row, PENDING)
             return
