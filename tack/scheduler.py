@@ -14,6 +14,7 @@ status, which the next start resolves the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -350,8 +351,8 @@ class Scheduler:
         """At start: the backend a stored workflow runs on, None when it has none now."""
         record = None
         if workflow.engine == DIALECT_ENGINE:  # only then is the file needed
-            pipeline = pipeline_by_key(workflow.knot, workflow.rkey)
-            record = None if pipeline is None else json.loads(pipeline.record)
+            with contextlib.suppress(LookupError):
+                record = self._pipelines.get(workflow.knot, workflow.rkey)[1]
         try:
             return self._route(workflow, record)
         except WorkflowError:

@@ -98,11 +98,6 @@ class KnotChanges:
         every subject whose membership changed; the notes are cleared.
         Call inside the transaction that wrote the changes."""
         execute = store.database.execute_sql
-        knots = {row[0] for row in execute("SELECT knot FROM temp.noted_knot")}
-        subjects = {row[0] for row in execute("SELECT subject FROM temp.noted_subject")}
-        if knots:
-            execute("DELETE FROM temp.noted_knot")
-        if subjects:
-            execute("DELETE FROM temp.noted_subject")
-            knots |= self._directory.knots_of_owners(subjects)
-        return knots
+        knots = {row[0] for row in execute("DELETE FROM temp.noted_knot RETURNING knot")}
+        subjects = {row[0] for row in execute("DELETE FROM temp.noted_subject RETURNING subject")}
+        return knots | self._directory.knots_of_owners(subjects)
