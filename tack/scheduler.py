@@ -43,6 +43,7 @@ log = logs.get("scheduler")
 
 RESTART_ERROR = "tack restarted while this workflow ran"
 CANCEL_POLL_SECONDS = 1.0
+PARK_SECONDS = 1.0  # an idle worker looks at the queue at least this often
 SecretsFor = Callable[[Pipeline], dict[str, str]]
 # Pipelines whose decoded record the workers keep: a pipeline's workflows run
 # close together, and each re-read and re-decoded the whole record (every
@@ -55,7 +56,9 @@ class PipelineRecords:
 
     A pipeline row and its record never change once accepted, so what is
     kept cannot go stale. The record is shared by every job of the pipeline:
-    backends read it and never change it (``Job.pipeline``).
+    backends read it and never change it (``Job.pipeline``). Intake hands
+    over each pipeline it accepts (``keep``), so its first workflow does not
+    read back and decode what intake has just written.
     """
 
     def __init__(self, size: int = PIPELINES_KEPT) -> None:
@@ -75,11 +78,15 @@ class PipelineRecords:
         if pipeline is None:
             raise LookupError(f"pipeline {knot}/{rkey} is not stored")
         kept = (pipeline, json.loads(pipeline.record))
+        self.keep(pipeline, kept[1])
+        return kept
+
+    def keep(self, pipeline: Pipeline, record: dict) -> None:
+        """Keep a pipeline and its decoded record (the one stored, as a dict)."""
         with self._lock:
-            self._kept[key] = kept
+            self._kept[(pipeline.knot, pipeline.rkey)] = (pipeline, record)
             if len(self._kept) > self._size:
                 self._kept.popitem(last=False)
-        return kept
 
 
 class Scheduler:
@@ -113,6 +120,9 @@ class Scheduler:
         self._pipelines = PipelineRecords()
         self._work = threading.Condition()
         self._resumable: deque[int] = deque()
+        # Under self._work: wake-ups no parked worker was there to take (at
+        # most one a worker), so a worker on its way to park looks first.
+        self._calls = 0
         self._cancels: dict[int, CancelFlag] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()  # tack is shutting down (not a user cancel)
@@ -129,10 +139,18 @@ class Scheduler:
             thread.start()
             self._threads.append(thread)
 
+    def accepted(self, pipeline: Pipeline, record: dict, queued: int) -> None:
+        """Intake accepted ``pipeline`` (its decoded ``record``), ``queued`` of
+        its workflows left pending: keep it for the workers and wake them."""
+        self._pipelines.keep(pipeline, record)
+        if queued:
+            self.wake(queued)
+
     def wake(self, count: int = 1) -> None:
         """``count`` workflows were queued: wake that many idle workers, not
         all of them (200 workers racing for one workflow cost ~100x)."""
         with self._work:
+            self._calls = min(self._calls + count, self._workers)
             self._work.notify(count)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -230,22 +248,45 @@ class Scheduler:
 
     def _worker(self) -> None:
         claimed: tuple[Workflow, bool] | None = None
+        look = True  # whether to look for pending work before parking
         while not self._stop.is_set():
             try:
-                claimed = claimed or self._claim()
+                if claimed is None and look:
+                    claimed = self._claim()
                 if claimed is None:
-                    with self._work:
-                        self._work.wait(1.0)
+                    # Every queued workflow comes with a wake-up; the look
+                    # once a second is a safety net, so it only reads.
+                    look = self._park() or self._pending_seen()
                     continue
                 # The transaction that ends a workflow also claims the next
                 # one: one status transaction per workflow instead of two.
-                claimed = self._execute(*claimed)
+                # When it found none, the worker parks without looking again:
+                # whatever is queued after it comes with a wake-up (_calls).
+                claimed, looked = self._execute(*claimed)
+                look = not looked
             except Exception:
                 # The workflow, if any, stays running and is resolved on the
                 # next start; the worker itself carries on.
-                claimed = None
+                claimed, look = None, True
                 log.exception("worker failed")
                 self._stop.wait(1.0)
+
+    def _park(self) -> bool:
+        """Wait to be woken for work: True when a wake-up was owed or came,
+        False when a second passed without one."""
+        with self._work:
+            if not self._calls:
+                self._work.wait(PARK_SECONDS)
+            if self._calls:  # woken to look: that wake-up is taken
+                self._calls -= 1
+                return True
+            return False
+
+    def _pending_seen(self) -> bool:
+        """A plain read, outside the status lock: is anything queued? With
+        200 workers each looking once a second, a claim transaction per look
+        kept the status lock busy for nothing."""
+        return not self._stop.is_set() and next_pending_workflow() is not None
 
     def _claim(self) -> tuple[Workflow, bool] | None:
         if self._resumable:
@@ -287,11 +328,14 @@ class Scheduler:
     def _claimed(workflow: Workflow | None) -> tuple[Workflow, bool] | None:
         return None if workflow is None else (workflow, False)
 
-    def _execute(self, workflow: Workflow, resume: bool) -> tuple[Workflow, bool] | None:
+    def _execute(
+        self, workflow: Workflow, resume: bool
+    ) -> tuple[tuple[Workflow, bool] | None, bool]:
         """Run a claimed workflow and write its final status, whatever happens
         on the way (invariant 4): only a transient store error, retried in
         place, or our own shutdown keeps it from ending now. Returns the next
-        workflow, claimed in the same transaction, when there was one."""
+        workflow, claimed in the same transaction, when there was one, and
+        whether that transaction looked for one."""
         cancel = self._cancels[workflow.id]
         started = time.monotonic()
         backend: str | None = None
@@ -300,21 +344,21 @@ class Scheduler:
         except Exception as exc:
             if self._stop.is_set() and is_transient(exc):
                 self._cancels.pop(workflow.id, None)
-                return None  # left running: the next start resumes or ends it
+                return None, False  # left running: the next start resumes or ends it
             log.exception("workflow could not be run", extra=_ids(workflow))
             outcome = Outcome("failed", f"tack could not run this workflow: {_describe(exc)}")
         try:
             # A run stopped by our own shutdown is not the user's cancel: it
             # stays running and the next start resumes or fails it.
             if self._stopping.is_set() and outcome.status == "cancelled":
-                return None
-            status, following = self._finish(workflow, outcome)
+                return None, False
+            status, following, looked = self._finish(workflow, outcome)
             claimed = self._claimed(following)  # committed: it must reach this worker
             try:
                 self._on_finished(workflow, status, time.monotonic() - started, backend)
             except Exception:
                 log.exception("after a workflow ended", extra=_ids(workflow))
-            return claimed
+            return claimed, looked
         finally:
             self._cancels.pop(workflow.id, None)
 
@@ -406,22 +450,23 @@ class Scheduler:
             save_state=save_state,
         )
 
-    def _finish(self, workflow: Workflow, outcome: Outcome) -> tuple[str, Workflow | None]:
+    def _finish(self, workflow: Workflow, outcome: Outcome) -> tuple[str, Workflow | None, bool]:
         """Write the final status and, in the same transaction, claim the next
         pending workflow (none while resumed ones wait, since they go first,
-        or while stopping); which status it was, and that workflow."""
+        or while stopping); which status it was, that workflow, and whether
+        the transaction looked for one."""
         status = outcome.status if outcome.status in FINAL else "failed"
 
         flag = CancelFlag()  # for the next workflow, made before the lock
 
-        def attempt() -> Workflow | None:
+        def attempt() -> tuple[Workflow | None, bool]:
             with self._statuses.writing() as statuses:
                 statuses.append(workflow, status, outcome.error, outcome.exit_code)
                 if self._stop.is_set() or self._resumable:
-                    return None
-                return self._claim_next(statuses, flag)
+                    return None, False
+                return self._claim_next(statuses, flag), True
 
-        return status, self._with_retry(attempt)
+        return status, *self._with_retry(attempt)
 
     def _with_retry(self, operation):
         return retry.store_writes(self._stop, log, "store busy, retrying")(operation)

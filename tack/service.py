@@ -219,9 +219,9 @@ class Spindle:
         finally:
             store.release_connection()  # asked from HTTP threads
 
-    def _accepted(self, workflows: int) -> None:
+    def _accepted(self, pipeline: Pipeline, record: dict, queued: int) -> None:
         self.metrics.pipelines_accepted.inc()
-        self.scheduler.wake(workflows)
+        self.scheduler.accepted(pipeline, record, queued)
 
     def _count_finished(
         self, workflow: Workflow, status: str, seconds: float, backend: str | None

@@ -95,9 +95,11 @@ class Acceptor:
         statuses: StatusLog,
         logbook: LogBook,
         backends: Backends,
-        on_accepted: Callable[[int], None],
+        on_accepted: Callable[[Pipeline, dict, int], None],
         stop: threading.Event,
     ) -> None:
+        """``on_accepted(pipeline, record, queued)`` follows each pipeline
+        accepted, ``queued`` of its workflows pending."""
         self._statuses = statuses
         self._logbook = logbook
         self._backends = backends
@@ -117,11 +119,18 @@ class Acceptor:
         )
 
     def accept(self, new: NewPipeline) -> str | None:
-        """Accept ``new``; its pipeline rkey, or None when it was accepted before."""
-        rkey = retry.store_writes(self._stop, log, "store busy, retrying intake")(self._write, new)
-        if rkey is None:
+        """Accept ``new``; its pipeline rkey, or None when it was accepted before.
+
+        ``on_accepted`` is handed the stored pipeline with ``new.record``,
+        which nothing may change from here on: the workers share it.
+        """
+        writing = retry.store_writes(self._stop, log, "store busy, retrying intake")
+        accepted = writing(self._write, new)
+        if accepted is None:
             log.info("pipeline already accepted, replay ignored", extra=new.ids)
             return None
+        pipeline, queued = accepted
+        rkey = pipeline.rkey
         log.info(
             "pipeline accepted",
             extra={
@@ -133,10 +142,13 @@ class Acceptor:
                 "workflows": [w.name for w in new.workflows],
             },
         )
-        self._on_accepted(len(new.workflows))
+        self._on_accepted(pipeline, new.record, queued)
         return rkey
 
-    def _write(self, new: NewPipeline) -> str | None:
+    def _write(self, new: NewPipeline) -> tuple[Pipeline, int] | None:
+        """The pipeline row ``new`` makes, written with its workflows and
+        their first statuses, and how many of them wait for a worker; None
+        when it was accepted before."""
         now = time.time_ns()
         # Worked out before the lock that every status write waits for.
         record_text = json.dumps(new.record)
@@ -148,27 +160,27 @@ class Acceptor:
                 created, rkey = statuses.mint()
             else:
                 created, rkey = now, new.rkey
-            insert_row(
-                Pipeline,
-                {
-                    "knot": new.knot,
-                    "rkey": rkey,
-                    "repo_owner": new.repo.did,
-                    "repo_name": new.repo.name or new.repo.rkey,
-                    "record": record_text,
-                    "accepted_at": created,
-                    "repo_did": new.repo_did,
-                    "kind": new.record["triggerMetadata"]["kind"],
-                    "sha": pipelines.commit_sha(new.record),
-                    "push_key": new.push_key,
-                },
-            )
+            values = {
+                "knot": new.knot,
+                "rkey": rkey,
+                "repo_owner": new.repo.did,
+                "repo_name": new.repo.name or new.repo.rkey,
+                "record": record_text,
+                "accepted_at": created,
+                "repo_did": new.repo_did,
+                "kind": new.record["triggerMetadata"]["kind"],
+                "sha": pipelines.commit_sha(new.record),
+                "push_key": new.push_key,
+            }
+            insert_row(Pipeline, values)
             rows = [self._workflow_row(new.knot, rkey, w, now) for w in new.workflows]
             if new.rkey is None:
                 statuses.append_pipeline(created, rkey, rows[0].id, new.record)
-            for row, compiled, error in zip(rows, new.workflows, errors, strict=True):
+            queued = sum(
                 self._announce(statuses, row, compiled, error)
-        return rkey
+                for row, compiled, error in zip(rows, new.workflows, errors, strict=True)
+            )
+        return Pipeline(**values), queued  # built after the commit, outside the status lock
 
     def _duplicate(self, new: NewPipeline, now: int) -> bool:
         """Marks this pipeline's sources as used; True if one already was."""
@@ -226,12 +238,12 @@ class Acceptor:
 
     def _announce(
         self, statuses: StatusLog, row: Workflow, compiled: CompiledWorkflow, error: str | None
-    ) -> None:
+    ) -> int:
         """``pending`` for a workflow that can run; else ``failed`` with
-        ``error``, written to its log first."""
+        ``error``, written to its log first. 1 when it is pending, else 0."""
         if error is None:
             statuses.append(row, PENDING)
-            return
+            return 1
         # Written before the status commits, so a log reader that sees the
         # final status has already been able to read this line.
         workflow_log = self._logbook.open(row.id, fresh=True)
@@ -240,6 +252,7 @@ class Acceptor:
         finally:
             workflow_log.close()
         statuses.append(row, "failed", error=error)
+        return 0
 
 
 def compile_pipeline(
