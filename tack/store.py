@@ -796,6 +796,16 @@ _IS_MEMBER = compile_once(lambda: _members_of("o", "h").where(Member.subject == 
 _IS_KNOT_WANTED = compile_once(
     lambda: _served_repos_of("o", "h").select(Repo.knot).where(Repo.knot == "k").limit(1)
 )
+# Asked for every push and every workflow's secrets: hostname, owner, owner,
+# hostname, repo DID, limit.
+_REPO_BY_DID = compile_once(
+    lambda: (
+        _served_repos_of("o", "h")
+        .where(Repo.repo_did == "d")
+        .order_by(peewee.SQL("rowid"))
+        .limit(1)
+    )
+)
 
 
 class Directory:
@@ -846,12 +856,8 @@ class Directory:
         owner or a member are served, and among those the first owner wins,
         so a later claim cannot take a member's repo (or its pipelines) away.
         """
-        return (
-            self._served_repos()
-            .where(Repo.repo_did == repo_did)
-            .order_by(peewee.SQL("rowid"))
-            .first()
-        )
+        params = (self.hostname, self.owner, self.owner, self.hostname, repo_did, 1)
+        return fetch_one(Repo, _REPO_BY_DID(), params)
 
     def may_push(self, repo: Repo, did: str) -> bool:
         """Push rights: the repo's owner, or a collaborator."""
