@@ -11,6 +11,7 @@ lands before the database closes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import signal
 import threading
@@ -32,6 +33,7 @@ from .api.xrpc import Xrpc
 from .auth import ServiceAuth
 from .backends import Backends, Context
 from .backends.buildkite import BuildkiteBackend
+from .checkpoints import Checkpointer
 from .config import Config, unimplemented_settings
 from .intake.accept import Acceptor
 from .intake.backfill import Backfill
@@ -82,7 +84,10 @@ class Spindle:
             self.lock = DatabaseLock(config.db_path)
             undo.callback(self.lock.release)
             check_log_dir(config.log_dir)
-            self.db = open_store(config.db_path, store.open_database)
+            self.db = open_store(
+                config.db_path,
+                functools.partial(store.open_database, background_checkpoints=True),
+            )
             undo.callback(self.db.close)
             self._build(config, knots, backends)
             undo.pop_all()
@@ -92,6 +97,7 @@ class Spindle:
         self.directory = store.Directory(config.hostname, config.owner)
         self.logbook = LogBook(config.log_dir, config.max_log_bytes)
         self.pruner = Pruner(self.logbook, config.retention_days, self.stop_event)
+        self.checkpointer = Checkpointer(self.db, self.stop_event)
         self.statuses = StatusLog(self.db, encode=encode_utf8_frame, on_final=self.logbook.notify)
         self.backends = backends
         self.callbacks = CallbackHub(self.statuses, self.stop_event, self._secrets_of_workflow)
@@ -256,6 +262,7 @@ class Spindle:
         self.pulls.start()
         self.ingester.start()
         self.pruner.start()
+        self.checkpointer.start()
         log.info("tack started", extra=self._summary())
 
     def _summary(self) -> dict:
@@ -295,6 +302,7 @@ class Spindle:
         self.pulls.join(timeout=_left(deadline))
         self.pruner.join(timeout=_left(deadline))
         self.ingester.stop(timeout=_left(deadline))
+        self.checkpointer.join(timeout=_left(deadline))
         self.server.stop()
         log.info("tack stopped", extra={"cursor": self.ingester.applier.cursor})
         self.db.close()

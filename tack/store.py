@@ -433,16 +433,23 @@ class SerialWriteDatabase(SqliteDatabase):
             self._writer.release()
 
 
-def open_database(path: str) -> SqliteDatabase:
-    """Open (creating if needed) and migrate the database at ``path``."""
+def open_database(path: str, background_checkpoints: bool = False) -> SqliteDatabase:
+    """Open (creating if needed) and migrate the database at ``path``.
+
+    ``background_checkpoints``: no commit checkpoints the write-ahead log
+    itself; the caller runs a ``checkpoints.Checkpointer`` (the service does).
+    """
+    pragmas = {
+        "journal_mode": "wal",
+        "foreign_keys": 1,
+        "busy_timeout": BUSY_TIMEOUT_MS,
+        "synchronous": "normal",
+    }
+    if background_checkpoints:
+        pragmas["wal_autocheckpoint"] = 0
     db = SerialWriteDatabase(
         path,
-        pragmas={
-            "journal_mode": "wal",
-            "foreign_keys": 1,
-            "busy_timeout": BUSY_TIMEOUT_MS,
-            "synchronous": "normal",
-        },
+        pragmas=pragmas,
         check_same_thread=False,
         # Transactions take the write lock when they begin. A deferred one
         # that reads first and writes later fails outright (no busy wait)

@@ -172,6 +172,32 @@ def _running(marker: str) -> list[int]:
     return found
 
 
+def test_commits_leave_the_write_ahead_log_to_the_checkpoint_thread(make_spindle, tmp_path):
+    """No commit copies the log back into the database (that fsync once held
+    up a knot frame's intake every few dozen pipelines); the service's own
+    thread does, and the rows are there either way."""
+    spindle = make_spindle()
+    db, path = spindle.db, Path(spindle.config.db_path)
+    assert db.execute_sql("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    db.execute_sql("CREATE TABLE scratch (body BLOB)")
+    size_before = path.stat().st_size
+    for _ in range(20):  # 2,000 pages of 4 KiB, 100 a commit: twice what SQLite waits for
+        with db.atomic():
+            db.execute_sql(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)"
+                " INSERT INTO scratch SELECT randomblob(4000) FROM n"
+            )
+    wal = Path(f"{path}-wal")
+    # Had a commit checkpointed, the log would have started over at 1,000 pages.
+    assert wal.stat().st_size > 1500 * 4096, "a commit checkpointed the log"
+    wait_until(
+        lambda: path.stat().st_size >= size_before + 2000 * 4000,
+        timeout=10,
+        what="the checkpoint thread copying the log into the database",
+    )
+    assert db.execute_sql("SELECT COUNT(*) FROM scratch").fetchone() == (2000,)
+
+
 def test_a_second_instance_on_the_same_database_exits_2(tmp_path, jetstream):
     env = tack_env(tmp_path, jetstream.url)
     first = TackProcess(env, tmp_path / "first.log")
