@@ -239,4 +239,7 @@ class KnotConsumer:
             stream.follower.close()
         deadline = time.monotonic() + timeout
         for stream in streams:
-            stream.thread.join(max(deadline - time.monotonic(), 0.1))
+            # A stream add_knot registered but has not started yet: its
+            # thread, once started, finds its stop already set and ends.
+            if stream.thread.ident is not None:
+                stream.thread.join(max(deadline - time.monotonic(), 0.1))
