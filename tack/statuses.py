@@ -105,6 +105,9 @@ class StatusLog:
         self._db = db
         self._encode = encode
         self._on_final = on_final
+        # Run by the committing thread right after each commit that added
+        # events, outside the lock (the server sends them to live subscribers).
+        self.after_commit: Callable[[], None] = lambda: None
         # (workflow id, log line fields) of each status written, for after commit.
         self._said: list[tuple[int, dict]] = []
         self._lock = threading.Lock()
@@ -136,9 +139,16 @@ class StatusLog:
             except BaseException:
                 self._uncommitted, self._said = [], []
                 raise
-            if self._uncommitted:
+            published = bool(self._uncommitted)
+            if published:
                 self._publish(self._uncommitted)
             said = self._said
+        if published:
+            try:
+                self.after_commit()
+            except Exception:
+                # Committed is committed: the broadcaster thread sends them.
+                log.exception("events not sent by the committing thread")
         # Outside the lock, which every status write of every worker waits
         # for: waking log followers and writing log lines take longer than
         # the transaction itself.

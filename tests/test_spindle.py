@@ -219,6 +219,25 @@ def _created_ns(frame: dict) -> int:
     return int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1000
 
 
+@pytest.mark.parametrize("subscribers", [2, 6])
+def test_every_subscriber_gets_every_event_once_in_order(served, knot, subscribers):
+    """Two subscribers are sent to by the committing threads themselves,
+    six by the broadcaster thread alone: either way, with intake and four
+    workers committing at once, each gets the same frames, once, in order."""
+    clients = [events(served) for _ in range(subscribers)]
+    for p in range(5):
+        workflows = [(f"p{p}w{w}.yml", "dummy", "steps: []") for w in range(20)]
+        knot.send_pipeline(push_pipeline(knot.name, OWNER, "myrepo", workflows))
+    for client in clients:
+        wait_until(lambda c=client: c.statuses().count("success") == 100, what="all succeed")
+    first = [frame["rkey"] for frame in clients[0].frames]
+    assert len(first) == len(set(first)) == 300
+    created = [_created_ns(frame) for frame in clients[0].frames]
+    assert created == sorted(created)
+    for client in clients[1:]:
+        assert [frame["rkey"] for frame in client.frames] == first
+
+
 def test_stalled_subscriber_is_dropped_without_holding_up_another(served, knot, caplog):
     stalled = EventsClient(served.server.port, cursor=1, rcvbuf=4096)  # connects, never reads
     healthy = events(served)
