@@ -225,6 +225,11 @@ class _Subscription:
         self.client = client
         self.stuck_since: float | None = None
         self.ended = threading.Event()
+        # Held while this subscriber is served, by the broadcaster thread or
+        # a thread sending what it committed: one sender at a time keeps its
+        # frames in order and its position exact. Each subscriber its own, so
+        # a live one is not held up while another's backfill batch goes out.
+        self.sending = threading.Lock()
 
 
 class Broadcaster:
@@ -243,10 +248,6 @@ class Broadcaster:
         self._statuses = statuses
         self._stop = stop
         self._lock = threading.Lock()
-        # Held for each subscriber served: by the broadcaster thread, or by a
-        # thread sending what it committed. One sender at a time keeps each
-        # subscriber's frames in order and its position exact.
-        self._sending = threading.Lock()
         self._subscriptions: list[_Subscription] = []
         self._thread = threading.Thread(target=self._run, name="events-broadcast", daemon=True)
 
@@ -291,7 +292,7 @@ class Broadcaster:
             sent = behind = False
             backlogged = []
             for subscription in self._subscriptions:
-                with self._sending:
+                with subscription.sending:
                     more = self._serve_or_end(subscription)
                 if more is None:
                     continue
@@ -307,21 +308,21 @@ class Broadcaster:
     def send_committed(self) -> None:
         """Run by a thread that has just committed status events, outside
         the status lock: send them to the live subscribers now, when there
-        are few. Never waits: while the broadcaster thread is sending, it
-        sends these too (it was woken for them)."""
+        are few. Never waits: a subscriber the broadcaster thread is sending
+        to gets these from it too (it was woken for them)."""
         subscriptions = self._subscriptions
         if not subscriptions or len(subscriptions) > DIRECT_SUBSCRIBERS:
             return
-        if not self._sending.acquire(blocking=False):
-            return
-        try:
-            latest = self._statuses.latest_id
-            for subscription in subscriptions:
-                live = latest - subscription.after <= DIRECT_LAG
-                if live and not subscription.ws.has_backlog:
+        latest = self._statuses.latest_id
+        for subscription in subscriptions:
+            live = latest - subscription.after <= DIRECT_LAG
+            if not live or subscription.ws.has_backlog:
+                continue
+            if subscription.sending.acquire(blocking=False):
+                try:
                     self._serve_or_end(subscription)
-        finally:
-            self._sending.release()
+                finally:
+                    subscription.sending.release()
 
     def _serve_or_end(self, subscription: _Subscription) -> bool | None:
         """``_serve``; None when it failed and the subscriber was dropped."""
