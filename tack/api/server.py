@@ -64,6 +64,8 @@ MAX_BODY = 64 * 1024
 # took a third of a millisecond of a pipeline's 3 ms from knot frame to
 # ``pending``. More subscribers are left to the broadcaster, so no committer
 # (a worker holding up its next workflow) loops over a hundred sockets.
+# Not during a burst either (while the broadcaster lingers): it gathers a
+# burst into one write per subscriber, where every committer would send its own.
 DIRECT_SUBSCRIBERS = 4
 DIRECT_LAG = 100
 
@@ -249,6 +251,8 @@ class Broadcaster:
         self._stop = stop
         self._lock = threading.Lock()
         self._subscriptions: list[_Subscription] = []
+        self._lingering = False  # the broadcaster is gathering a burst
+        self._sent_directly = False  # a committing thread sent since the last pass
         self._thread = threading.Thread(target=self._run, name="events-broadcast", daemon=True)
 
     def start(self) -> None:
@@ -277,8 +281,10 @@ class Broadcaster:
         while not self._stop.is_set():
             if behind:
                 pass  # a backfill in progress: the next batch at once, no linger
-            elif sent and burst >= BURST:
-                self._stop.wait(LINGER)  # a live burst: let the rest of it gather
+            elif (sent or self._sent_directly) and burst >= BURST:
+                self._lingering = True  # a live burst: let the rest of it gather
+                self._stop.wait(LINGER)
+                self._lingering = False
             elif backlogged:
                 # Someone's socket is full (a backfill outrunning its reader):
                 # go on as soon as one drains, and look for live events at
@@ -289,7 +295,7 @@ class Broadcaster:
                 self._statuses.wait_beyond(seen, 0.25)
             burst = self._statuses.latest_id - max(seen, 0)
             seen = self._statuses.latest_id
-            sent = behind = False
+            sent = behind = self._sent_directly = False
             backlogged = []
             for subscription in self._subscriptions:
                 with subscription.sending:
@@ -311,7 +317,7 @@ class Broadcaster:
         are few. Never waits: a subscriber the broadcaster thread is sending
         to gets these from it too (it was woken for them)."""
         subscriptions = self._subscriptions
-        if not subscriptions or len(subscriptions) > DIRECT_SUBSCRIBERS:
+        if not subscriptions or len(subscriptions) > DIRECT_SUBSCRIBERS or self._lingering:
             return
         latest = self._statuses.latest_id
         for subscription in subscriptions:
@@ -320,7 +326,8 @@ class Broadcaster:
                 continue
             if subscription.sending.acquire(blocking=False):
                 try:
-                    self._serve_or_end(subscription)
+                    if self._serve_or_end(subscription):
+                        self._sent_directly = True
                 finally:
                     subscription.sending.release()
 
