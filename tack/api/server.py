@@ -8,9 +8,9 @@ An /events subscriber's thread only reads (pings, close); one broadcaster
 thread writes every subscriber's events without blocking, so the runner and
 the other subscribers never wait on a slow one. With a few live subscribers,
 the thread that committed new events writes them itself first, a thread
-wake-up sooner. A subscriber whose socket
-takes nothing for SEND_TIMEOUT is dropped. A /logs follower's thread reads
-its log file and writes to its own socket.
+wake-up sooner. A subscriber whose socket takes nothing for SEND_TIMEOUT is
+dropped. A /logs follower's thread reads its log file and writes to its own
+socket.
 """
 
 from __future__ import annotations
