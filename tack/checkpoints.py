@@ -4,8 +4,8 @@ SQLite copies its write-ahead log back into the database file (a checkpoint)
 from inside whichever commit pushes the log past 1,000 pages, and that copy
 ends in the only fsync a commit with ``synchronous=normal`` ever waits for.
 The commit that drew it, a knot frame's intake or a worker's status, took
-milliseconds longer: every few dozen pipelines, on the dispatch path. The service
-turns that off (``open_database(..., background_checkpoints=True)``) and
+milliseconds longer: every few dozen pipelines, on the dispatch path. The
+service turns that off (``open_database(..., background_checkpoints=True)``) and
 checkpoints here instead, once a second, in PASSIVE mode: it takes no lock a
 writer or reader waits for, and SQLite runs it with the GIL released.
 
@@ -53,20 +53,18 @@ class Checkpointer:
         finally:
             store.release_connection()
 
-    def checkpoint(self) -> tuple[int, int]:
-        """One passive checkpoint: (frames in the log, frames copied back);
-        (0, 0) when it failed, which the next one makes good."""
+    def checkpoint(self) -> None:
+        """One passive checkpoint; a failed one is made good by the next."""
         try:
             row = self._db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except Exception:
             # Housekeeping: a failed checkpoint leaves the log longer until
             # the next one; nothing committed is at risk.
             log.exception("WAL checkpoint failed; trying again")
-            return 0, 0
+            return
         _busy, frames, copied = row
         if frames - copied >= LONG_LOG_FRAMES:
             self._warn_long_log(frames, copied)
-        return frames, copied
 
     def _warn_long_log(self, frames: int, copied: int) -> None:
         now = time.monotonic()

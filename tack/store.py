@@ -833,11 +833,17 @@ class Directory:
         params = (self.owner, self.hostname, did, 1)
         return database.execute_sql(_IS_MEMBER(), params).fetchone() is not None
 
+    def _served_repos_where(self, value: str) -> tuple:
+        """The parameters of a compiled one-row question about served repos
+        (``_IS_KNOT_WANTED``, ``_REPO_BY_DID``): this spindle, its owner, and
+        the ``value`` asked about."""
+        return (self.hostname, self.owner, self.owner, self.hostname, value, 1)
+
     def _served_repos(self) -> peewee.ModelSelect:
         return _served_repos_of(self.owner, self.hostname)
 
     def is_knot_wanted(self, knot: str) -> bool:
-        params = (self.hostname, self.owner, self.owner, self.hostname, knot, 1)
+        params = self._served_repos_where(knot)
         return database.execute_sql(_IS_KNOT_WANTED(), params).fetchone() is not None
 
     def knots_of_owners(self, dids: set[str]) -> set[str]:
@@ -863,8 +869,7 @@ class Directory:
         owner or a member are served, and among those the first owner wins,
         so a later claim cannot take a member's repo (or its pipelines) away.
         """
-        params = (self.hostname, self.owner, self.owner, self.hostname, repo_did, 1)
-        return fetch_one(Repo, _REPO_BY_DID(), params)
+        return fetch_one(Repo, _REPO_BY_DID(), self._served_repos_where(repo_did))
 
     def may_push(self, repo: Repo, did: str) -> bool:
         """Push rights: the repo's owner, or a collaborator."""
