@@ -8,6 +8,7 @@ the single applier writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sqlite3
@@ -398,17 +399,31 @@ class SerialWriteDatabase(SqliteDatabase):
     the one before commits. Waiting is bounded by the same busy timeout and
     ends the same way, "database is locked": a transient error its caller
     retries (and logs), as when another process holds SQLite's lock.
+
+    Every write transaction also runs on one connection, lent to the thread
+    that holds the lock, while reads outside transactions stay on each
+    thread's own. A connection that finds the database changed by another
+    connection drops its whole page cache: with each thread writing on its
+    own, every transaction read its pages back from the file first, about
+    half of a pipeline's acceptance. The writers' connection only misses
+    what other processes (or a lone autocommit write) changed.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._writer = threading.Lock()
         self._holding = threading.local()
+        self._writer_connection: sqlite3.Connection | None = None  # under _writer
+        self._writer_setup: list[str] = []  # run on each new writers' connection
 
     def begin(self, lock_type: str | None = None) -> None:
         if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
             raise peewee.OperationalError("database is locked (by another thread of tack)")
-        self._holding.writer = True
+        try:
+            self._lend_writer_connection()
+        except BaseException:
+            self._writer.release()
+            raise
         try:
             super().begin(lock_type)
         except BaseException:
@@ -418,19 +433,70 @@ class SerialWriteDatabase(SqliteDatabase):
     def commit(self) -> None:
         try:
             super().commit()
+        except BaseException:
+            # Undone here, on the writers' connection: the rollback peewee
+            # sends next finds this thread's own connection back in place.
+            with contextlib.suppress(Exception):
+                super().rollback()
+            raise
         finally:
             self._release_writer()
 
     def rollback(self) -> None:
+        if not getattr(self._holding, "writer", False):
+            return  # a failed commit already rolled back (see commit)
         try:
             super().rollback()
         finally:
             self._release_writer()
 
+    def _lend_writer_connection(self) -> None:
+        """Under the write lock: this thread's queries go to the writers'
+        connection until it commits or rolls back."""
+        if self._writer_connection is None:
+            connection = self._connect()
+            for statement in self._writer_setup:
+                connection.execute(statement)
+            self._writer_connection = connection
+        state = self._state
+        self._holding.own = (state.conn, state.closed)
+        state.conn, state.closed = self._writer_connection, False
+        self._holding.writer = True
+
     def _release_writer(self) -> None:
         if getattr(self._holding, "writer", False):
             self._holding.writer = False
+            self._state.conn, self._state.closed = self._holding.own
             self._writer.release()
+
+    def set_up_writers(self, statements: list[str]) -> None:
+        """Run ``statements`` on the writers' connection, now and on each one
+        opened later: temporary tables and triggers belong to a connection."""
+        if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise peewee.OperationalError("database is locked (by another thread of tack)")
+        try:
+            self._writer_setup = list(statements)
+            if self._writer_connection is not None:
+                for statement in statements:
+                    self._writer_connection.execute(statement)
+        finally:
+            self._writer.release()
+
+    def release_own(self) -> bool:
+        """Close this thread's own connection (not the writers')."""
+        return super().close()
+
+    def close(self) -> bool:
+        """Close this thread's connection and the writers' one."""
+        closed = super().close()
+        if self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            try:
+                if self._writer_connection is not None:
+                    self._writer_connection.close()
+                    self._writer_connection = None
+            finally:
+                self._writer.release()
+        return closed
 
 
 def open_database(path: str, background_checkpoints: bool = False) -> SqliteDatabase:
@@ -473,7 +539,7 @@ def release_connection() -> None:
     thousands of them do not hold thousands of SQLite descriptors.
     """
     if database.obj is not None and not database.is_closed():
-        database.close()
+        database.release_own()
 
 
 def compile_once(build: Callable[[], peewee.Query]) -> Callable[[], str]:

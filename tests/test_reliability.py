@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from websockets.server import ServerProtocol
 
-from tack import tid
+from tack import store, tid
 from tack.stream import Backoff, Follower
 
 from .spindle_clients import EventsClient
@@ -196,6 +196,52 @@ def test_commits_leave_the_write_ahead_log_to_the_checkpoint_thread(make_spindle
         what="the checkpoint thread copying the log into the database",
     )
     assert db.execute_sql("SELECT COUNT(*) FROM scratch").fetchone() == (2000,)
+
+
+def test_write_transactions_share_one_connection_and_a_failed_one_leaves_nothing(tmp_path):
+    """Every thread's write transaction runs on one connection (its page
+    cache then stays warm). One that rolls back, or whose COMMIT itself
+    fails, must leave that connection clean for the next writer."""
+    db = store.open_database(str(tmp_path / "s.db"))
+    db.execute_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute_sql(
+        "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id)"
+        " DEFERRABLE INITIALLY DEFERRED)"
+    )
+    used, failures = [], []
+
+    def write(index: int) -> None:
+        try:
+            with db.atomic():
+                used.append(db.connection())
+                store.save_cursor(f"c{index}", index)
+                if index % 3 == 1:
+                    raise RuntimeError("rolled back")
+                if index % 3 == 2:  # only COMMIT finds the missing parent
+                    db.execute_sql("INSERT INTO child VALUES (?)", (1000 + index,))
+        except Exception as exc:
+            failures.append(type(exc).__name__)
+        finally:
+            store.release_connection()
+
+    try:
+        threads = [threading.Thread(target=write, args=(index,)) for index in range(9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len({id(connection) for connection in used}) == 1
+        assert sorted(failures) == ["IntegrityError"] * 3 + ["RuntimeError"] * 3
+        assert [store.get_cursor(f"c{index}") for index in range(9)] == [
+            index if index % 3 == 0 else None for index in range(9)
+        ]
+        assert db.execute_sql("SELECT COUNT(*) FROM child").fetchone() == (0,)
+        assert db.connection() is not used[0]  # outside a transaction: this thread's own
+        with db.atomic():  # and the shared one takes the next writer
+            store.save_cursor("after", 1)
+        assert store.get_cursor("after") == 1
+    finally:
+        db.close()
 
 
 def test_a_second_instance_on_the_same_database_exits_2(tmp_path, jetstream):

@@ -7,16 +7,15 @@ another knot or to another spindle; and a membership the owner grants or
 withdraws (which serves or unserves every repo of its subject).
 
 SQLite notes both as they happen, through temporary triggers on the
-applier's connection: their rows land in two small temporary tables, inside
-the applier's own transaction (a rolled-back batch notes nothing), and are
-read and cleared before it commits. Asking the store beforehand which knot
+connection every write transaction runs on (``SerialWriteDatabase``): their
+rows land in two small temporary tables, inside the applier's own
+transaction (a rolled-back batch notes nothing), and are read and cleared
+before it commits. Asking the store beforehand which knot
 each changed record named cost a primary-key lookup per repo record, a
 third of the applier's time.
 """
 
 from __future__ import annotations
-
-import sqlite3
 
 from .. import store
 
@@ -66,32 +65,31 @@ def _tracking_sql(hostname: str, owner: str) -> list[str]:
 
 
 class KnotChanges:
-    """The knots whose wanted-ness one connection's writes may have flipped.
+    """The knots whose wanted-ness the applier's writes may have flipped.
 
-    Used by the applier's thread only: the triggers are its connection's,
-    and see no other connection's writes (nor need to: the applier writes
-    every record jetstream brings).
+    Used by the applier's thread only. The triggers fire on any write
+    transaction, but only the applier writes repo and member records (every
+    one jetstream brings); what other processes write, they do not see.
     """
 
     def __init__(self, directory: store.Directory) -> None:
         self._statements = _tracking_sql(directory.hostname, directory.owner)
         self._directory = directory
-        # The connection the triggers were made on: held, so that a new
-        # connection (a reopened store) is never mistaken for it.
-        self._tracked: sqlite3.Connection | None = None
+        # The database the triggers were set up on: held, so that a reopened
+        # store is never mistaken for it.
+        self._tracked: store.SerialWriteDatabase | None = None
 
     def track(self) -> None:
-        """Make sure this thread's connection notes changes; cheap when it does.
+        """Make sure write transactions note changes; cheap when they do.
 
-        Call outside a transaction: a rolled-back one would take the
-        triggers with it while this still believed them made.
+        Call outside a transaction: the triggers are made outside any, so a
+        rolled-back one cannot take them away.
         """
-        connection = store.database.connection()
-        if connection is self._tracked:
+        db = store.database.obj
+        if db is self._tracked:
             return
-        for statement in self._statements:
-            store.database.execute_sql(statement)
-        self._tracked = connection
+        db.set_up_writers(self._statements)
+        self._tracked = db
 
     def take(self) -> set[str]:
         """The knots noted since the last take, and the knots of the repos of
