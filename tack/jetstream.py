@@ -47,6 +47,11 @@ MAX_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 DRAIN_SECONDS = 4.0
 
 
+def _changes_directory(change: Change) -> bool:
+    """Whether ``change`` may change an answer ``store.Directory`` keeps."""
+    return change.collection in (records.REPO, records.MEMBER) or change.action == "delete_account"
+
+
 def subscribe_url(endpoint: str, cursor_us: int | None) -> str:
     """The v1 subscribe URL for our collections, resuming REWIND_US before ``cursor_us``."""
     parts = urlsplit(endpoint)
@@ -221,6 +226,8 @@ class Applier:
             touched = self._knot_changes.take()
             if cursor and cursor != self.cursor:
                 store.save_cursor(CURSOR_NAME, cursor)
+        if any(map(_changes_directory, changes)):
+            self._directory.records_changed()
         self.cursor = cursor or self.cursor
         self.applied += len(changes)
         return touched

@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from . import logs
 from .config import ConfigError
-from .store import Secret, compile_once
+from .store import KeptAnswers, Secret, compile_once
 
 log = logs.get("secrets")
 
@@ -90,12 +90,23 @@ def _read_or_create(path: str) -> str:
 
 
 class SecretStore:
+    """Secrets sealed at rest. Only this object writes them, so it keeps each
+    repo's sealed rows in memory between its own writes (a workflow's start
+    read them back from the file otherwise); values are unsealed per use."""
+
     def __init__(self, db: peewee.Database, keys: MultiFernet) -> None:
         self._db = db
         self._keys = keys
+        self._sealed = KeptAnswers(limit=1024)
 
     def rotate(self) -> int:
         """Re-seal every value with the first key; the count re-sealed."""
+        try:
+            return self._rotate()
+        finally:
+            self._sealed.changed()
+
+    def _rotate(self) -> int:
         count = 0
         with self._db.atomic():
             for row in Secret.select():
@@ -115,6 +126,12 @@ class SecretStore:
         return count
 
     def add(self, repo: str, key: str, value: str, created_by: str) -> None:
+        try:
+            self._add(repo, key, value, created_by)
+        finally:
+            self._sealed.changed()
+
+    def _add(self, repo: str, key: str, value: str, created_by: str) -> None:
         with self._db.atomic():
             if Secret.get_or_none((Secret.repo == repo) & (Secret.key == key)):
                 raise DuplicateSecret(key)
@@ -129,7 +146,12 @@ class SecretStore:
             )
 
     def remove(self, repo: str, key: str) -> bool:
-        return bool(Secret.delete().where((Secret.repo == repo) & (Secret.key == key)).execute())
+        try:
+            return bool(
+                Secret.delete().where((Secret.repo == repo) & (Secret.key == key)).execute()
+            )
+        finally:
+            self._sealed.changed()
 
     def listing(self, repo: str) -> list[dict]:
         """What the appview may see: never values."""
@@ -142,10 +164,9 @@ class SecretStore:
     def values(self, repo: str) -> dict[str, str]:
         """Key to value, for injecting into that repo's workflows only."""
         result = {}
-        # Asked for every workflow a worker starts: the query is built once.
-        for key, value in Secret._meta.database.execute_sql(_VALUES_OF_REPO(), (repo,)):
+        for key, value in self._sealed.get((repo,), lambda: _sealed_values(repo)):
             try:
-                result[key] = self._keys.decrypt(bytes(value)).decode()
+                result[key] = self._keys.decrypt(value).decode()
             except InvalidToken:
                 log.error(
                     "a secret cannot be opened with the configured keys; not injected",
@@ -154,6 +175,13 @@ class SecretStore:
         return result
 
 
+def _sealed_values(repo: str) -> tuple[tuple[str, bytes], ...]:
+    """(key, sealed value) of each of ``repo``'s secrets, as stored."""
+    rows = Secret._meta.database.execute_sql(_VALUES_OF_REPO(), (repo,))
+    return tuple((key, bytes(value)) for key, value in rows)
+
+
+# Asked for every workflow a worker starts: the query is built once.
 _VALUES_OF_REPO = compile_once(
     lambda: Secret.select(Secret.key, Secret.value).where(Secret.repo == "r")
 )

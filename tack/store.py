@@ -881,23 +881,76 @@ _REPO_BY_DID = compile_once(
 )
 
 
+class KeptAnswers:
+    """Answers to questions about stored rows, kept in memory until a change
+    that may alter them is committed (``changed``).
+
+    Every commit drops a reading connection's page cache, so a question
+    asked for every pipeline or workflow read its pages from the file again.
+    Kept answers are shared: never change one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        """At most ``limit`` answers: past it, all are forgotten and asked again."""
+        self._limit = limit
+        self._answers: dict[tuple, Any] = {}
+        self._generation = 0  # counts changed() calls
+        self._lock = threading.Lock()
+
+    def changed(self) -> None:
+        """A change was committed: forget every answer kept."""
+        with self._lock:
+            self._generation += 1
+            self._answers.clear()
+
+    def get(self, question: tuple, ask: Callable[[], Any]) -> Any:
+        """``ask()``'s answer to ``question``, kept until the next change."""
+        if database.in_transaction():
+            # A write transaction sees what it has not committed (the
+            # applier asks about members it just wrote): asked, never kept.
+            return ask()
+        with self._lock:
+            generation = self._generation
+            if question in self._answers:
+                return self._answers[question]
+        answer = ask()
+        with self._lock:
+            # Kept only if no change was committed since the asking began:
+            # the answer may predate it.
+            if generation == self._generation:
+                if len(self._answers) >= self._limit:
+                    self._answers.clear()
+                self._answers[question] = answer
+        return answer
+
+
 class Directory:
     """Who may use this spindle and for which repos, as the records say.
 
     Bound to this spindle's hostname and owner, which every question here is
-    relative to.
+    relative to. The questions asked for every pipeline and workflow (whose
+    repo, is its owner a member) are answered from memory until the applier
+    commits a change to repo or member records (``records_changed``).
     """
 
     def __init__(self, hostname: str, owner: str) -> None:
         self.hostname = hostname
         self.owner = owner
+        self._kept = KeptAnswers(limit=4096)
+
+    def records_changed(self) -> None:
+        """Repo or member records were committed: answers kept may be stale."""
+        self._kept.changed()
 
     def is_member(self, did: str) -> bool:
         """The owner, or someone the owner invited to this spindle."""
         if did == self.owner:
             return True
         params = (self.owner, self.hostname, did, 1)
-        return database.execute_sql(_IS_MEMBER(), params).fetchone() is not None
+        return self._kept.get(
+            ("member", did),
+            lambda: database.execute_sql(_IS_MEMBER(), params).fetchone() is not None,
+        )
 
     def _served_repos_where(self, value: str) -> tuple:
         """The parameters of a compiled one-row question about served repos
@@ -926,7 +979,11 @@ class Directory:
         return {row.knot for row in query}
 
     def repo_by_name(self, owner: str, name: str) -> Repo | None:
-        return fetch_one(Repo, _REPO_BY_NAME(), (owner, name, 1))
+        """The repo record ``name`` by ``owner`` (shared: never change it)."""
+        return self._kept.get(
+            ("repo_by_name", owner, name),
+            lambda: fetch_one(Repo, _REPO_BY_NAME(), (owner, name, 1)),
+        )
 
     def repo_by_did(self, repo_did: str) -> Repo | None:
         """The served repo record holding ``repo_did``: the first one written.
@@ -935,7 +992,10 @@ class Directory:
         owner or a member are served, and among those the first owner wins,
         so a later claim cannot take a member's repo (or its pipelines) away.
         """
-        return fetch_one(Repo, _REPO_BY_DID(), self._served_repos_where(repo_did))
+        return self._kept.get(
+            ("repo_by_did", repo_did),
+            lambda: fetch_one(Repo, _REPO_BY_DID(), self._served_repos_where(repo_did)),
+        )
 
     def may_push(self, repo: Repo, did: str) -> bool:
         """Push rights: the repo's owner, or a collaborator."""

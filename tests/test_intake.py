@@ -450,6 +450,40 @@ def test_a_ref_update_for_an_unknown_repo_is_rejected(served, current_knot, capl
     assert "no served repo record holds this repo DID" in rejected[0].reason
 
 
+def test_a_repo_is_served_from_its_record_until_the_record_is_deleted(
+    served, current_knot, jetstream, clock, caplog
+):
+    """tack keeps its answers about repos in memory: a record that arrives
+    after a refused push, and one deleted after a run, count at once."""
+    spindle, _, client = served
+    other = "did:plc:repo2"
+    git = GitRepo(current_knot.git_root, other, {".tangled/workflows/build.yml": workflow()})
+
+    def refused() -> int:
+        return sum(
+            "no served repo record holds this repo DID" in getattr(r, "reason", "")
+            for r in caplog.records
+        )
+
+    current_knot.send_ref_update(other, git.first)
+    wait_until(lambda: refused() == 1, what="the push to an unknown repo refused")
+
+    served_record = repo("other", current_knot.name, repo_did=other)
+    record = commit(clock, OWNER, REPO, "r2", "create", served_record)
+    jetstream.add(record)
+    wait_until(lambda: spindle.ingester.applier.cursor == record["time_us"])
+    current_knot.send_ref_update(other, git.first)
+    wait_until(lambda: pipeline_count(client) == 1, what="the push to the new repo run")
+
+    deleted = commit(clock, OWNER, REPO, "r2", "delete")
+    jetstream.add(deleted)
+    wait_until(lambda: spindle.ingester.applier.cursor == deleted["time_us"])
+    second = git.commit({"README": "again"})
+    current_knot.send_ref_update(other, second, old_sha=git.first)
+    wait_until(lambda: refused() == 2, what="the push to the deleted repo refused")
+    assert pipeline_count(client) == 1
+
+
 # --- pull requests -------------------------------------------------------------------
 
 

@@ -84,6 +84,22 @@ def test_owner_adds_lists_uses_and_removes_a_secret(xrpc_tack, plc, knot):
     spindle, uri = xrpc_tack
     owner = plc.register(Identity(OWNER))
     port = spindle.server.port
+    client = EventsClient(port).start()
+    raw = (
+        'steps:\n  - name: use\n    command: echo "token=$DEPLOY_TOKEN"; test -n "$DEPLOY_TOKEN"\n'
+    )
+
+    def run_workflow() -> tuple[str, str]:
+        """A workflow of this repo that needs the secret: (its status, its rkey)."""
+        runs = len(client.statuses())
+        record = push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "shell", raw)])
+        rkey = knot.send_pipeline(record)
+        wait_until(lambda: client.statuses()[runs:][-1:] in (["success"], ["failed"]), timeout=30)
+        return client.statuses()[-1], rkey
+
+    # Before the secret exists (tack keeps each repo's sealed secrets in
+    # memory between its writes: each write must count at once).
+    assert run_workflow()[0] == "failed"
     assert call(
         port,
         ADD,
@@ -102,12 +118,8 @@ def test_owner_adds_lists_uses_and_removes_a_secret(xrpc_tack, plc, knot):
     assert (status, body["error"]) == (400, "DuplicateSecret")
 
     # The secret reaches this repo's workflow environment and is masked in its log.
-    client = EventsClient(port).start()
-    raw = (
-        'steps:\n  - name: use\n    command: echo "token=$DEPLOY_TOKEN"; test -n "$DEPLOY_TOKEN"\n'
-    )
-    rkey = knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("ci.yml", "shell", raw)]))
-    wait_until(lambda: client.statuses()[-1:] == ["success"], timeout=30)
+    status, rkey = run_workflow()
+    assert status == "success"
     lines = read_log(port, f"/logs/{knot.name}/{rkey}/ci.yml").lines
     assert [ln["content"] for ln in lines if ln["kind"] == "data"] == ["token=***"]
 
@@ -122,6 +134,7 @@ def test_owner_adds_lists_uses_and_removes_a_secret(xrpc_tack, plc, knot):
         {},
     )
     assert call(port, LIST, owner.token(LIST), query=f"?repo={uri}") == (200, {"secrets": []})
+    assert run_workflow()[0] == "failed"  # removed: no longer injected
     status, body = call(port, REMOVE, owner.token(REMOVE), {"repo": uri, "key": "DEPLOY_TOKEN"})
     assert (status, body["error"]) == (404, "SecretNotFound")
 
