@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tack.backends import Context, build
+from tack.workflow import parse
 
 from .spindle_clients import EventsClient, read_log
 from .standins import (
@@ -267,6 +268,23 @@ def shell_backend(tmp_path: Path):
         {"type": "shell", "workspace_root": str(tmp_path / "ws")},
         Context("spindle.test", dev=True),
     )
+
+
+def test_each_reader_of_a_workflow_file_gets_its_own_copy():
+    """A file is parsed once and kept (it comes back on every push): what one
+    reader changes in its copy, the next reader never sees."""
+    raw = "environment:\n  A: '1'\nsteps:\n  - name: s\n    command: echo\n"
+    first = parse(raw)
+    first.document["environment"]["A"] = "changed"
+    first.environment["B"] = "added"
+    first.document["steps"].clear()
+    second = parse(raw)
+    assert second.document == {
+        "environment": {"A": "1"},
+        "steps": [{"name": "s", "command": "echo"}],
+    }
+    assert second.environment == {"A": "1"}
+    assert [step.command for step in second.steps] == ["echo"]
 
 
 def test_secrets_are_masked_in_every_form(tmp_path):
