@@ -14,10 +14,13 @@ workflows. Records keep their fields; the writer formats them in order.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import queue
 import sys
+import time
+from collections import deque
 from logging.handlers import QueueHandler, QueueListener
 
 from pythonjsonlogger.orjson import OrjsonFormatter
@@ -84,6 +87,34 @@ class _Handoff(QueueHandler):
         return record
 
 
+# After the first line of a quiet spell, the writer waits this long and then
+# writes every line that came meanwhile: a pipeline's lines (accepted,
+# running, finished) wake the writer thread once, not once each, and every
+# wake-up took the interpreter lock from the threads doing the work.
+# Warnings and errors are written at once.
+LINGER_SECONDS = 0.02
+
+
+class _LingeringListener(QueueListener):
+    """The standard writer thread, taking records in bursts (``dequeue`` is
+    its documented place for that), in the order they were queued."""
+
+    def __init__(self, records: queue.SimpleQueue, handler: logging.Handler) -> None:
+        super().__init__(records, handler)
+        self._taken: deque[logging.LogRecord | None] = deque()
+
+    def dequeue(self, block: bool) -> logging.LogRecord | None:
+        if not self._taken:
+            first = self.queue.get(block)
+            if first is not self._sentinel and first.levelno < logging.WARNING:
+                time.sleep(LINGER_SECONDS)
+            self._taken.append(first)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._taken.append(self.queue.get_nowait())
+        return self._taken.popleft()
+
+
 _listener: QueueListener | None = None
 
 
@@ -105,7 +136,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     else:
         handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
     records: queue.SimpleQueue = queue.SimpleQueue()
-    _listener = QueueListener(records, handler)
+    _listener = _LingeringListener(records, handler)
     _listener.start()
     # What no line shows is not gathered for every record (the logging
     # HOWTO's "Optimization"): the caller's file and line take a stack walk.
