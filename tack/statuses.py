@@ -149,6 +149,12 @@ class StatusLog:
             except Exception:
                 # Committed is committed: the broadcaster thread sends them.
                 log.exception("events not sent by the committing thread")
+            # Woken only now, after the direct sends: woken at publish, it
+            # took the interpreter lock from the sending thread, on the path
+            # of a pipeline's ``pending``. It looks at latest_id before it
+            # waits, so a wake-up that comes late is never lost.
+            with self._changed:
+                self._changed.notify_all()
         # Outside the lock, which every status write of every worker waits
         # for: waking log followers and writing log lines take longer than
         # the transaction itself.
@@ -169,7 +175,6 @@ class StatusLog:
                 del self._recent_ids[:-RECENT_EVENTS]
                 del self._recent_frames[:-RECENT_EVENTS]
             self.latest_id = self._recent_ids[-1]
-            self._changed.notify_all()
 
     def append(
         self,
