@@ -32,8 +32,9 @@ log = logs.get("statuses")
 
 NSID = "sh.tangled.pipeline.status"
 PIPELINE_NSID = "sh.tangled.pipeline"
-# NEW is tack's own: a workflow row written but not yet announced; its first
-# event (pending, or failed when it cannot run) commits in the same transaction.
+# NEW is tack's own: the row of a workflow that cannot run, written just
+# before its ``failed`` in the same transaction. One that can run is written
+# pending, with its ``pending`` event (``announce_queued``).
 NEW, PENDING, RUNNING = "new", "pending", "running"
 FINAL = frozenset({"success", "failed", "timeout", "cancelled"})
 ALL = frozenset({PENDING, RUNNING}) | FINAL
@@ -196,6 +197,22 @@ class StatusLog:
         ).rowcount
         if not moved:
             return False
+        self._add_event(workflow, status, created, error, exit_code)
+        return True
+
+    def announce_queued(self, workflow: Workflow) -> None:
+        """The ``pending`` event of a workflow written as pending in this very
+        transaction (inside ``writing``): no transition to check or make."""
+        self._add_event(workflow, PENDING, self._next_created())
+
+    def _add_event(
+        self,
+        workflow: Workflow,
+        status: str,
+        created: int,
+        error: str | None = None,
+        exit_code: int | None = None,
+    ) -> None:
         rkey = tid.encode(created // 1000, self._clock_id)
         event: dict = {
             "$type": NSID,
@@ -223,7 +240,6 @@ class StatusLog:
             "exit_code": exit_code,
         }
         self._said.append((workflow.id, fields))
-        return True
 
     def mint(self) -> tuple[int, str]:
         """A new (created ns, TID) from the status clock (inside ``writing``).

@@ -173,7 +173,10 @@ class Acceptor:
                 "push_key": new.push_key,
             }
             insert_row(Pipeline, values)
-            rows = [self._workflow_row(new.knot, rkey, w, now) for w in new.workflows]
+            rows = [
+                self._workflow_row(new.knot, rkey, compiled, now, error)
+                for compiled, error in zip(new.workflows, errors, strict=True)
+            ]
             if new.rkey is None:
                 statuses.append_pipeline(created, rkey, rows[0].id, new.record)
             queued = sum(
@@ -190,7 +193,10 @@ class Acceptor:
                 return True
         if new.knot_event is not None:
             knot, rkey = new.knot_event
-            if not insert_row(KnotEvent, {"knot": knot, "rkey": rkey}, ignore=True):
+            # An older knot's pipeline keeps the knot's own key: its row is
+            # the event's mark, and a second one would only cost the write.
+            own_mark = new.knot_event != (new.knot, new.rkey)
+            if own_mark and not insert_row(KnotEvent, {"knot": knot, "rkey": rkey}, ignore=True):
                 return True
             if self.seen_pipeline(knot, rkey):
                 return True
@@ -213,13 +219,17 @@ class Acceptor:
         )
 
     @staticmethod
-    def _workflow_row(knot: str, rkey: str, compiled: CompiledWorkflow, now: int) -> Workflow:
+    def _workflow_row(
+        knot: str, rkey: str, compiled: CompiledWorkflow, now: int, error: str | None
+    ) -> Workflow:
+        """The workflow's row: written pending when it can run (its event
+        follows in ``_announce``), else NEW until ``failed`` is appended."""
         values = {
             "knot": knot,
             "rkey": rkey,
             "name": compiled.name,
             "engine": compiled.engine,
-            "status": NEW,
+            "status": NEW if error is not None else PENDING,
             "created_at": now,
             "updated_at": now,
         }
@@ -242,7 +252,7 @@ class Acceptor:
         """``pending`` for a workflow that can run; else ``failed`` with
         ``error``, written to its log first. 1 when it is pending, else 0."""
         if error is None:
-            statuses.append(row, PENDING)
+            statuses.announce_queued(row)
             return 1
         # Written before the status commits, so a log reader that sees the
         # final status has already been able to read this line.
