@@ -204,6 +204,54 @@ def test_tack_prune_deletes_old_logs_and_events_and_keeps_the_rows(running_tack,
     assert json.loads(again.stdout)["workflows"] == 0
 
 
+def test_a_large_prune_lets_other_writes_in_between_its_batches(tmp_path):
+    """Retention deletes a batch of events per transaction: a writer beside
+    it sees them go in steps, where one long statement held every writer
+    (a knot frame, a status) until the whole prune was done."""
+    from tack import retention, store
+    from tack.worklogs import LogBook
+
+    db = store.open_database(str(tmp_path / "s.db"))
+    long_ago = 1_000_000_000  # ns: final since 1970
+    db.execute_sql(
+        "INSERT INTO pipeline (knot, rkey, repo_owner, repo_name, record, accepted_at)"
+        " VALUES ('k', 'p', 'did:plc:o', 'r', '{}', ?)",
+        (long_ago,),
+    )
+    db.execute_sql(
+        "INSERT INTO workflow (knot, rkey, name, engine, status, created_at, updated_at)"
+        " VALUES ('k', 'p', 'w.yml', 'dummy', 'success', ?, ?)",
+        (long_ago, long_ago),
+    )
+    count = 10 * retention.PRUNE_BATCH
+    with db.atomic():
+        db.cursor().executemany(
+            "INSERT INTO status_event (rkey, created, workflow_id, status, frame)"
+            " VALUES (?, ?, 1, 'success', '{}')",
+            ((f"e{index}", long_ago - index) for index in range(count)),
+        )
+    seen: list[int] = []
+    done = threading.Event()
+
+    def write() -> None:
+        while not done.is_set():
+            with db.atomic():
+                seen.append(db.execute_sql("SELECT count(*) FROM status_event").fetchone()[0])
+        store.release_connection()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        pruned = retention.prune(LogBook(tmp_path / "logs"), days=1)
+    finally:
+        done.set()
+        writer.join(10)
+        db.close()
+    assert pruned.status_events == count
+    between = [n for n in seen if 0 < n < count]
+    assert between, "no write got in between the prune's batches"
+
+
 # --- the admin commands beside a running tack ------------------------------------------
 
 
