@@ -11,9 +11,12 @@ repo's workflows; it is never logged, listed or put in an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import peewee
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -23,6 +26,7 @@ from .config import ConfigError
 from .store import KeptAnswers, Secret, compile_once
 
 log = logs.get("secrets")
+T = TypeVar("T")
 
 KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_KEY = 50
@@ -89,6 +93,20 @@ def _read_or_create(path: str) -> str:
     return key
 
 
+def _writing(method: Callable[..., T]) -> Callable[..., T]:
+    """A ``SecretStore`` method that writes secrets: the sealed rows kept in
+    memory are forgotten after it, whether it wrote or failed."""
+
+    @functools.wraps(method)
+    def write(self: SecretStore, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._sealed.changed()
+
+    return write
+
+
 class SecretStore:
     """Secrets sealed at rest. Only this object writes them, so it keeps each
     repo's sealed rows in memory between its own writes (a workflow's start
@@ -99,14 +117,9 @@ class SecretStore:
         self._keys = keys
         self._sealed = KeptAnswers(limit=1024)
 
+    @_writing
     def rotate(self) -> int:
         """Re-seal every value with the first key; the count re-sealed."""
-        try:
-            return self._rotate()
-        finally:
-            self._sealed.changed()
-
-    def _rotate(self) -> int:
         count = 0
         with self._db.atomic():
             for row in Secret.select():
@@ -125,13 +138,8 @@ class SecretStore:
                     count += 1
         return count
 
+    @_writing
     def add(self, repo: str, key: str, value: str, created_by: str) -> None:
-        try:
-            self._add(repo, key, value, created_by)
-        finally:
-            self._sealed.changed()
-
-    def _add(self, repo: str, key: str, value: str, created_by: str) -> None:
         with self._db.atomic():
             if Secret.get_or_none((Secret.repo == repo) & (Secret.key == key)):
                 raise DuplicateSecret(key)
@@ -145,13 +153,9 @@ class SecretStore:
                 created_by=created_by,
             )
 
+    @_writing
     def remove(self, repo: str, key: str) -> bool:
-        try:
-            return bool(
-                Secret.delete().where((Secret.repo == repo) & (Secret.key == key)).execute()
-            )
-        finally:
-            self._sealed.changed()
+        return bool(Secret.delete().where((Secret.repo == repo) & (Secret.key == key)).execute())
 
     def listing(self, repo: str) -> list[dict]:
         """What the appview may see: never values."""
