@@ -90,8 +90,8 @@ class _Handoff(QueueHandler):
 # After the first line of a quiet spell, the writer waits this long and then
 # writes every line that came meanwhile: a pipeline's lines (accepted,
 # running, finished) wake the writer thread once, not once each, and every
-# wake-up took the interpreter lock from the threads doing the work.
-# Warnings and errors are written at once.
+# wake-up took the interpreter lock from the threads doing the work. A
+# warning or an error that opens a burst is written at once.
 LINGER_SECONDS = 0.02
 
 
