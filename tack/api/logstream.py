@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import libipld
-import orjson
+import msgspec
 
 from .. import logs
 from ..store import Workflow
@@ -42,33 +42,53 @@ _TID = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
 MAX_WORKFLOW_PARAMS = 50
 
 
+class _LogLine(msgspec.Struct):
+    """A line of tack's own workflow log (``worklogs``), as this stream reads
+    it: typed decoding is a fifth cheaper than a dict, on every line of a
+    million-line replay."""
+
+    kind: str
+    time: str
+    step_id: int
+    content: str
+    stream: str = "stdout"
+    step_status: str | None = None  # control lines
+    step_kind: int | None = None  # control lines
+    step_command: str | None = None
+
+
+_read_log_line = msgspec.json.Decoder(_LogLine).decode
+
+
 def encode_line(line: bytes, workflow: str) -> bytes | None:
     """One tack log line (JSON) as header + body; None for a line that is not
     one of ours (a torn or foreign line is skipped, never sent half)."""
     try:
-        entry = orjson.loads(line)
-        if entry["kind"] == "control":
-            body = {
-                "time": entry["time"],
-                "workflow": workflow,
-                "step": entry["step_id"],
-                "content": entry["content"],
-                "status": entry["step_status"],
-                "kind": "system" if entry["step_kind"] == SYSTEM_STEP else "user",
-            }
-            if entry.get("step_command") is not None:
-                body["command"] = entry["step_command"]
-            return CONTROL_HEADER + libipld.encode_dag_cbor(body)
-        body = {
-            "time": entry["time"],
-            "workflow": workflow,
-            "step": entry["step_id"],
-            "content": entry["content"] + "\n",
-            "stream": entry.get("stream", "stdout"),
-        }
-        return DATA_HEADER + libipld.encode_dag_cbor(body)
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        entry = _read_log_line(line)
+    except msgspec.MsgspecError:
         return None
+    if entry.kind == "control":
+        if entry.step_status is None or entry.step_kind is None:
+            return None
+        body = {
+            "time": entry.time,
+            "workflow": workflow,
+            "step": entry.step_id,
+            "content": entry.content,
+            "status": entry.step_status,
+            "kind": "system" if entry.step_kind == SYSTEM_STEP else "user",
+        }
+        if entry.step_command is not None:
+            body["command"] = entry.step_command
+        return CONTROL_HEADER + libipld.encode_dag_cbor(body)
+    body = {
+        "time": entry.time,
+        "workflow": workflow,
+        "step": entry.step_id,
+        "content": entry.content + "\n",
+        "stream": entry.stream,
+    }
+    return DATA_HEADER + libipld.encode_dag_cbor(body)
 
 
 def encode_frame(line: bytes, workflow: str) -> bytes | None:
