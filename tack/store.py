@@ -416,9 +416,13 @@ class SerialWriteDatabase(SqliteDatabase):
         self._writer_connection: sqlite3.Connection | None = None  # under _writer
         self._writer_setup: list[str] = []  # run on each new writers' connection
 
-    def begin(self, lock_type: str | None = None) -> None:
+    def _take_writer(self) -> None:
+        """The write lock, waiting at most the busy timeout."""
         if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
             raise peewee.OperationalError("database is locked (by another thread of tack)")
+
+    def begin(self, lock_type: str | None = None) -> None:
+        self._take_writer()
         try:
             self._lend_writer_connection()
         except BaseException:
@@ -472,8 +476,7 @@ class SerialWriteDatabase(SqliteDatabase):
     def set_up_writers(self, statements: list[str]) -> None:
         """Run ``statements`` on the writers' connection, now and on each one
         opened later: temporary tables and triggers belong to a connection."""
-        if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
-            raise peewee.OperationalError("database is locked (by another thread of tack)")
+        self._take_writer()
         try:
             self._writer_setup = list(statements)
             if self._writer_connection is not None:
