@@ -91,23 +91,30 @@ class _BoundedFrameBuffer(frame_buffer):
         if self.header is not None:
             return []
         buffer, position, end = self._buffer, self._pos, len(self._buffer)
-        messages = []
-        while end - position >= 2:
-            # FIN set, RSV clear, text (0x1) or binary (0x2); mask bit clear.
-            if buffer[position] not in _FAST_OPCODES or buffer[position + 1] & 0x80:
-                break
-            length, header = buffer[position + 1], 2
-            if length == 126:
-                if end - position < 4:
+        messages: list[bytes] = []
+        take = messages.append
+        # A view copies each payload once (a bytearray slice would copy it
+        # twice); it is released before the buffer can be resized.
+        with memoryview(buffer) as view:
+            while end - position >= 2:
+                # FIN set, RSV clear, text (0x1) or binary (0x2); mask bit clear.
+                first, length = buffer[position], buffer[position + 1]
+                if first not in _FAST_OPCODES or length & 0x80:
                     break
-                length, header = int.from_bytes(buffer[position + 2 : position + 4], "big"), 4
-            elif length == 127:
-                break  # longer than FAST_FRAME_MAX: the library's path
-            start = position + header
-            if end - start < length:
-                break
-            messages.append(bytes(buffer[start : start + length]))
-            position = start + length
+                if length < 126:
+                    start = position + 2
+                elif length == 126:
+                    if end - position < 4:
+                        break
+                    length = buffer[position + 2] << 8 | buffer[position + 3]
+                    start = position + 4
+                else:
+                    break  # longer than FAST_FRAME_MAX: the library's path
+                stop = start + length
+                if stop > end:
+                    break
+                take(view[start:stop].tobytes())
+                position = stop
         self._pos = position
         return messages
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from tack import store, tid
@@ -422,15 +424,21 @@ class _SilentPeer:
     def _serve(self) -> None:
         while True:
             conn, _ = self._listener.accept()
-            protocol = ServerProtocol()
-            events: list = []
-            while not events:
-                protocol.receive_data(conn.recv(65536))
-                events = protocol.events_received()
-            protocol.send_response(protocol.accept(events[0]))
-            conn.sendall(b"".join(protocol.data_to_send()))
+            _accept_handshake(conn)
             self._held.append(conn)
             self.connections += 1
+
+
+def _accept_handshake(conn: socket.socket) -> None:
+    """Answer a websocket client's opening handshake, with ``websockets``'
+    sans-I/O protocol."""
+    protocol = ServerProtocol()
+    events: list = []
+    while not events:
+        protocol.receive_data(conn.recv(65536))
+        events = protocol.events_received()
+    protocol.send_response(protocol.accept(events[0]))
+    conn.sendall(b"".join(protocol.data_to_send()))
 
 
 def _follow(url: str, stop: threading.Event) -> Follower:
@@ -469,6 +477,66 @@ def test_a_quiet_peer_that_answers_pings_keeps_its_connection():
     finally:
         stop.set()
         follower.close()
+
+
+def test_every_frame_shape_arrives_whole_and_in_order_however_the_bytes_are_cut():
+    """The reader splits the frames in its receive buffer itself (stream.py's
+    fast path) and leaves the rest to websocket-client. Payloads at each
+    length-field boundary, binary frames, a ping and a fragmented message,
+    written in pieces of 1 to 1,500 bytes (headers cut anywhere): each
+    message arrives once, whole, in order."""
+    lengths = [1, 2, 124, 125, 126, 127, 300, 65_535, 65_536, 70_000, 5, 126]
+    messages = [bytes([65 + i % 26]) * length for i, length in enumerate(lengths)]
+    wire = bytearray()
+    for index, payload in enumerate(messages):
+        opcode = Opcode.BINARY if index % 3 == 1 else Opcode.TEXT
+        wire += Frame(opcode, payload).serialize(mask=False)
+        if index == 4:
+            wire += Frame(Opcode.PING, b"alive").serialize(mask=False)
+    pieces = [b"frag", b"mented-", b"message"]
+    wire += Frame(Opcode.TEXT, pieces[0], fin=False).serialize(mask=False)
+    wire += Frame(Opcode.CONT, pieces[1], fin=False).serialize(mask=False)
+    wire += Frame(Opcode.CONT, pieces[2]).serialize(mask=False)
+    wire += Frame(Opcode.TEXT, b"last").serialize(mask=False)
+    expected = [*messages, b"".join(pieces), b"last"]
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _accept_handshake(conn)
+        cuts = random.Random(7)
+        position = 0
+        while position < len(wire):
+            size = cuts.choice((1, 2, 3, 5, cuts.randint(1, 1500)))
+            conn.sendall(wire[position : position + size])
+            position += size
+            time.sleep(0.0005)
+        time.sleep(30)  # held open; the test stops the reader
+
+    threading.Thread(target=serve, daemon=True).start()
+    received: list[bytes] = []
+    stop = threading.Event()
+    follower = Follower(
+        component="test",
+        url=lambda: f"ws://127.0.0.1:{port}/subscribe",
+        on_frames=received.extend,
+        stop=stop,
+        backoff=Backoff(initial=0.05, cap=0.2),
+    )
+    threading.Thread(target=follower.run, daemon=True).start()
+    try:
+        wait_until(lambda: len(received) >= len(expected), timeout=30, what="every message")
+        time.sleep(0.2)  # nothing more, nothing twice
+        assert [len(m) for m in received] == [len(m) for m in expected]
+        assert received == expected
+        assert follower.connections == 1
+    finally:
+        stop.set()
+        follower.close()
+        listener.close()
 
 
 def test_stop_is_not_held_by_a_peer_that_never_answers_the_handshake(make_spindle):
