@@ -8,6 +8,7 @@ Decoding is pure (no I/O), so a frame is bad or good the same way every time.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
-from .config import DID_PATTERN, is_did
+from .config import is_did
 
 MEMBER = "sh.tangled.spindle.member"
 REPO = "sh.tangled.repo"
@@ -92,13 +93,17 @@ class Change:
 # validated without first becoming dicts. What the protocol leaves loose
 # (``kind``, the commit's strings) is typed Any and checked below.
 
-_Did = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STRING, pattern=DID_PATTERN)]
-_Datetime = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_DATETIME_RE.pattern)]
-
 
 def _text(limit: int = MAX_STRING) -> Any:
     """A non-empty string of at most ``limit`` characters."""
     return Annotated[str, msgspec.Meta(min_length=1, max_length=limit)]
+
+
+# DIDs and datetimes are matched against their patterns in _decode_commit:
+# a direct match costs half of msgspec's pattern constraint, and a DID, seen
+# again and again, is matched once while it stays among the recent ones.
+_Did = _text()
+_Datetime = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 class _Commit(msgspec.Struct):
@@ -143,6 +148,25 @@ class _CollaboratorRecord(_Record, kw_only=True):
     repoDid: _Did | None = None
 
 
+# The fields of each record shape holding a DID, checked by _check_patterns.
+_DID_FIELDS = {
+    MEMBER: ("subject",),
+    REPO: ("repoDid",),
+    COLLABORATOR: ("subject", "repoDid"),
+}
+
+
+def _check_patterns(record: _Record, did_fields: tuple[str, ...]) -> None:
+    """The pattern checks the shapes leave out (see ``_Did``), worded like
+    msgspec's own."""
+    if not _DATETIME_RE.match(record.createdAt):
+        raise ValueError("Expected an RFC 3339 datetime - at `$.createdAt`")
+    for field in did_fields:
+        value = getattr(record, field)
+        if value is not None and not _is_did_cached(value):
+            raise ValueError(f"Expected a DID - at `$.{field}`")
+
+
 _EVENT = msgspec.json.Decoder(_Event)
 _RECORDS = {
     MEMBER: msgspec.json.Decoder(_MemberRecord),
@@ -162,6 +186,8 @@ def decode(frame: str | bytes, hostname: str) -> Change:
         # wrong type), the shapes refuse the frame: the loose reading says
         # why, or keeps it when only a part its kind never reads was odd.
         return _decode_loose(frame)
+    if not _is_did_cached(event.did):
+        return _decode_loose(frame)
     if event.kind == "commit":
         if event.commit is None:
             raise BadRecord(
@@ -171,6 +197,18 @@ def decode(frame: str | bytes, hostname: str) -> Change:
     if event.kind == "account":
         return _decode_account(event.account, event.did, event.time_us)
     return Change(event.time_us, "ignore", event.did)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_did_cached(value: str) -> bool:
+    """``is_did``, once per value while it stays among the recent ones.
+
+    A spindle's stream comes from the few thousand accounts that use
+    Tangled, each writing many events about the same members and repos, and
+    the pattern checks were a quarter of decoding. The cache is bounded in
+    entries, and each entry in size by the shapes' ``MAX_STRING``.
+    """
+    return is_did(value)
 
 
 def _decode_loose(frame: str | bytes) -> Change:
@@ -231,6 +269,7 @@ def _decode_commit(commit: _Commit, did: str, time_us: int, hostname: str) -> Ch
         record = _RECORDS[collection].decode(commit.record)
         if record.type is not msgspec.UNSET and record.type != collection:
             raise ValueError(f"record $type {record.type!r} != collection")
+        _check_patterns(record, _DID_FIELDS[collection])
         row = _ROW_BUILDERS[collection](record, did, rkey, hostname)
     except (msgspec.ValidationError, ValueError) as exc:
         raise _bad_commit(f"record: {exc}", did, collection, rkey, time_us) from None
@@ -280,7 +319,7 @@ def _repo_row(record: _RepoRecord, did: str, rkey: str, hostname: str) -> dict |
 
 def _collaborator_row(record: _CollaboratorRecord, did: str, rkey: str, hostname: str) -> dict:
     repo, repo_did = record.repo, record.repoDid
-    if repo is not None and is_did(repo):
+    if repo is not None and _is_did_cached(repo):
         repo, repo_did = None, repo  # today's shape: the repo named by its DID
     elif repo is not None and not _AT_URI_RE.match(repo):
         raise ValueError("repo is neither a repo DID nor an at-uri")

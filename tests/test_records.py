@@ -131,6 +131,23 @@ def test_a_malformed_frame_says_why(raw, reason, time_us):
     assert kind == "bad" and reason in said and told == time_us
 
 
+def test_a_did_is_judged_the_same_however_often_it_is_seen():
+    # DID checks are remembered per value (records._is_did_cached): a bad one
+    # stays bad, in whichever field it comes, and a good one stays good.
+    bad_author = frame({"did": "alice", "time_us": TIME, "kind": "commit"})
+    bad_subject = frame(commit(Clock(), OWNER, MEMBER, "m1", "create", member("alice")))
+    bad_collaborator = commit(Clock(), OWNER, COLLABORATOR, "c1", "create", {})
+    bad_collaborator["commit"]["record"] = collaborator("alice", "did:plc:therepo")
+    good = frame(commit(Clock(), OWNER, MEMBER, "m2", "create", member("did:plc:bob")))
+    for _ in range(3):
+        assert outcome(bad_author)[:2] == ("bad", "did missing or malformed")
+        kind, said, _ = outcome(bad_subject)
+        assert kind == "bad" and "$.subject" in said
+        kind, said, _ = outcome(frame(bad_collaborator))
+        assert kind == "bad" and "$.subject" in said
+        assert outcome(good)[2]["subject"] == "did:plc:bob"
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
