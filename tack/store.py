@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
+import operator
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
@@ -664,6 +666,13 @@ def _columns(model: type[BaseModel]) -> tuple[str, ...]:
 
 
 @functools.cache
+def _row_values(model: type[BaseModel]) -> Callable[[dict], tuple]:
+    """A row's values in ``_columns`` order, taken in C: a third of what
+    looking each up in Python cost."""
+    return operator.itemgetter(*_columns(model))
+
+
+@functools.cache
 def _upsert_statement(collection: str, rows: int) -> str:
     """Upsert ``rows`` records of ``collection`` in one statement."""
     model = RECORD_MODELS[collection]
@@ -696,7 +705,7 @@ def _write_rows(statement: Callable[[str, int], str], collection: str, rows: lis
     at most ROWS_PER_STATEMENT at a time."""
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[start : start + ROWS_PER_STATEMENT]
-        params = [value for row in chunk for value in row]
+        params = list(itertools.chain.from_iterable(chunk))
         database.execute_sql(statement(collection, len(chunk)), params)
 
 
@@ -761,8 +770,8 @@ def _write_records(changes: list[records.Change], may_grant: Callable[[str], boo
         if deleted[collection]:
             _write_rows(_delete_statement, collection, list(deleted[collection]))
         if upserts:
-            columns = _columns(RECORD_MODELS[collection])
-            rows = [tuple(map(change.row.__getitem__, columns)) for change in upserts]
+            values = _row_values(RECORD_MODELS[collection])
+            rows = [values(change.row) for change in upserts]
             _write_rows(_upsert_statement, collection, rows)
 
 
