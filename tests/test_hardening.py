@@ -13,6 +13,7 @@ import resource
 import shutil
 import socket
 import sqlite3
+import struct
 import threading
 import time
 import urllib.request
@@ -78,6 +79,39 @@ def test_silent_connections_are_let_go_and_caps_answer_503(tack):
     finally:
         for conn in silent:
             conn.close()
+
+
+def _connection_threads() -> int:
+    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+
+
+def test_silent_connections_hold_no_thread_and_may_all_leave_at_once(tack):
+    """A connection gets a thread once it speaks (api/waiting.py). Silent
+    ones wait together on one thread, so when hundreds leave at once (some
+    with a reset) no crowd of threads wakes to fight over the GIL, and the
+    server still answers."""
+    port, threads_before = tack.server.port, _connection_threads()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+    wait_until(lambda: tack.httpd.waiting_room.waiting == 300, what="all 300 waiting")
+    assert _connection_threads() - threads_before < 5, "silent connections took threads"
+
+    late = silent.pop()  # speaks at last, in pieces: it gets a thread and an answer
+    late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    time.sleep(0.2)
+    late.sendall(b"Connection: close\r\n\r\n")
+    late.settimeout(5)
+    answer = b"".join(iter(lambda: late.recv(65536), b""))
+    late.close()
+    assert statuses_in(answer) == [200]
+
+    for index, conn in enumerate(silent):
+        if index % 2:  # a reset, not a FIN
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    wait_until(lambda: tack.httpd.waiting_room.waiting == 0, what="every leaver let go")
+    wait_until(lambda: tack.httpd._per_client.get("127.0.0.1", 0) == 0, what="all closed")
+    answer = raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses_in(answer) == [200]
 
 
 def test_events_work_on_descriptors_past_1024(tack, knot):

@@ -41,6 +41,7 @@ from ..records import is_rkey
 from ..statuses import StatusLog
 from ..store import Workflow, release_connection
 from .follow import LogFollower
+from .waiting import WaitingRoom
 
 log = logs.get("server")
 
@@ -620,6 +621,8 @@ def _is_length(value: str) -> bool:
 class TackHTTPServer(ThreadingHTTPServer):
     """A thread per connection, within bounds.
 
+    - a connection gets its thread once its first bytes arrive: until then
+      it waits, with every other silent one, in a ``WaitingRoom``;
     - a listen backlog that absorbs bursts;
     - at most ``max_connections`` open at once, and ``max_per_client`` from one
       address: past either, a new connection gets a short 503 and is closed,
@@ -644,6 +647,7 @@ class TackHTTPServer(ThreadingHTTPServer):
         self._per_client: dict[str, int] = {}
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY)
         self._shed_logged = 0.0
+        self.waiting_room = WaitingRoom(ready=self._give_thread, gone=self.shutdown_request)
 
     def get_request(self):
         try:
@@ -679,7 +683,16 @@ class TackHTTPServer(ThreadingHTTPServer):
             _refuse(request, "too many connections" if full else "too many from this client")
             self.shutdown_request(request)
             return
+        self.waiting_room.admit(request, client_address, self.header_timeout)
+
+    def _give_thread(self, request, client_address) -> None:
+        """A connection that spoke: a thread of its own (ThreadingMixIn)."""
         super().process_request(request, client_address)
+
+    def server_close(self) -> None:
+        # The room first: once ThreadingMixIn closes, no thread may be given.
+        self.waiting_room.close()
+        super().server_close()
 
     def shutdown_request(self, request) -> None:
         with self._guard:
