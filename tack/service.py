@@ -27,7 +27,8 @@ from .api.follow import LogFollower
 from .api.logstream import PATH as LOGSTREAM_PATH
 from .api.logstream import PipelineLogStream
 from .api.operator import Operator, Probes
-from .api.server import App, Handler, Server, TackHTTPServer, encode_utf8_frame
+from .api.server import App, Handler, Server, TackHTTPServer
+from .api.sockets import encode_utf8_frame
 from .api.webhooks import BUILDKITE_PATH, BuildkiteWebhooks
 from .api.xrpc import Xrpc
 from .auth import ServiceAuth

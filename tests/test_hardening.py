@@ -114,6 +114,51 @@ def test_silent_connections_hold_no_thread_and_may_all_leave_at_once(tack):
     assert statuses_in(answer) == [200]
 
 
+def test_events_subscribers_hold_no_thread_are_answered_and_may_all_leave_at_once(tack, knot):
+    """/events subscribers are watched by one listening room (api/listening.py):
+    no thread each, their pings answered, events still delivered, and when
+    most leave at once (some with a reset) the rest and the port go on."""
+    port, threads_before = tack.server.port, _connection_threads()
+    room = tack.server.httpd.app.listening
+    crowd = [websocket.create_connection(f"ws://127.0.0.1:{port}/events") for _ in range(150)]
+    client = EventsClient(port).start()
+    wait_until(lambda: room.watching == 151, what="all 151 subscribers watched")
+    assert _connection_threads() - threads_before < 5, "subscribers took threads"
+
+    crowd[0].ping(b"are you there")
+    crowd[0].settimeout(5)
+    opcode, data = crowd[0].recv_data(control_frame=True)
+    assert (opcode, data) == (websocket.ABNF.OPCODE_PONG, b"are you there")
+
+    for index, ws in enumerate(crowd):
+        if index % 2:  # a reset, not a FIN
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ws.sock.close()
+    wait_until(lambda: room.watching == 1, what="every leaver let go")
+    wait_until(lambda: tack.server.httpd.app.broadcaster.subscribers == 1, what="unsubscribed")
+    wait_until(lambda: tack.httpd._per_client.get("127.0.0.1", 0) == 1, what="their sockets closed")
+
+    knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("a.yml", "dummy", STEPS)]))
+    wait_until(lambda: client.statuses() == ["pending", "running", "success"])
+    answer = raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses_in(answer) == [200]
+
+
+def test_events_subscribers_are_told_the_spindle_is_going_away(make_spindle):
+    spindle = make_spindle()
+    subscribers = [
+        websocket.create_connection(f"ws://127.0.0.1:{spindle.server.port}/events")
+        for _ in range(20)
+    ]
+    wait_until(lambda: spindle.server.httpd.app.listening.watching == 20, what="watched")
+    spindle.stop()
+    for ws in subscribers:
+        ws.settimeout(5)
+        opcode, data = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        assert struct.unpack("!H", data[:2])[0] == 1001 and b"shutting down" in data
+
+
 def test_events_work_on_descriptors_past_1024(tack, knot):
     """select(2) fails for descriptors of 1024 and more; tack polls instead."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -490,7 +535,7 @@ def test_server_frames_are_what_a_websocket_library_makes(length):
     the bytes are websocket-client's, at each length-field boundary."""
     from websocket import ABNF
 
-    from tack.api.server import encode_binary_frame, encode_text_frame
+    from tack.api.sockets import encode_binary_frame, encode_text_frame
 
     data = (bytes(range(256)) * (length // 256 + 1))[:length]
     text = ("é" * length)[: length // 2]

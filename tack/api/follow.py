@@ -24,7 +24,7 @@ from ..store import Workflow, release_connection
 from ..worklogs import LogBook, LogReader, Wakeup
 
 if TYPE_CHECKING:
-    from .server import ServerWebSocket
+    from .sockets import ServerWebSocket
 
 # How often a follower reads its logs and the statuses without being woken.
 FULL_PASS_EVERY = 30.0

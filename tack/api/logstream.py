@@ -28,7 +28,7 @@ from ..store import Workflow
 from ..worklogs import SYSTEM_STEP
 from . import view
 from .follow import Follow, LogFollower
-from .server import ClientGone, encode_binary_frame
+from .sockets import ClientGone, encode_binary_frame
 
 if TYPE_CHECKING:
     from .server import Handler

@@ -1,10 +1,12 @@
 """The spindle's one port: banner, XRPC, ``/events`` and ``/logs`` websockets.
 
-A threaded HTTP server (a thread per connection, blocking I/O). Websocket
-upgrades are handed to wsproto's protocol layer, so tack never frames bytes
+A threaded HTTP server (a thread per connection that speaks, blocking I/O;
+the silent ones wait together in waiting.py). Websocket upgrades are handed
+to wsproto's protocol layer (sockets.py), so tack never parses frames
 itself, and plain requests (XRPC, CI callbacks) share the port.
 
-An /events subscriber's thread only reads (pings, close); one broadcaster
+An /events subscriber holds no thread: one listening room (listening.py)
+answers what every subscriber sends (pings, close), and one broadcaster
 thread writes every subscriber's events without blocking, so the runner and
 the other subscribers never wait on a slow one. With a few live subscribers,
 the thread that committed new events writes them itself first, a thread
@@ -21,7 +23,6 @@ import json
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from websocket import ABNF
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.events import AcceptConnection, Request
 
 from .. import __version__, logs
 from ..config import is_hostname
@@ -41,11 +41,17 @@ from ..records import is_rkey
 from ..statuses import StatusLog
 from ..store import Workflow, release_connection
 from .follow import LogFollower
+from .listening import CLOSE_WAIT, SWEEP_EVERY, ListeningRoom
+from .sockets import (
+    SEND_TIMEOUT,
+    ClientGone,
+    ServerWebSocket,
+    encode_text_frame,
+)
 from .waiting import WaitingRoom
 
 log = logs.get("server")
 
-PING_EVERY = 30.0
 # After a pass that sent a burst (BURST events or more), the broadcaster waits
 # this long before looking again, so the rest of the burst goes out as one
 # write instead of waking every subscriber per event. After a pass of a few
@@ -53,11 +59,9 @@ PING_EVERY = 30.0
 # pipeline's ``pending`` up to 5 ms.
 LINGER = 0.005
 BURST = 16
-SEND_TIMEOUT = 10.0
-SEND_BUFFER = 256 * 1024
 HEADER_TIMEOUT = 10.0
-# Unsent bytes a peer may leave queued before it counts as not reading.
-MAX_BACKLOG = 4 * 1024 * 1024
+# The listening room sees the stop within a sweep, then closes within CLOSE_WAIT.
+LISTENING_CLOSE_WAIT = SWEEP_EVERY + CLOSE_WAIT + 1.0
 MAX_BODY = 64 * 1024
 # The thread that commits status events sends them itself to subscribers
 # that are live (at most DIRECT_LAG events behind, nothing queued), when
@@ -71,154 +75,6 @@ DIRECT_SUBSCRIBERS = 4
 DIRECT_LAG = 100
 
 Route = Callable[["Handler", dict[str, list[str]]], None]
-
-
-class ClientGone(Exception):
-    """The websocket peer closed, or was dropped for not reading."""
-
-
-class ClientStalled(ClientGone):
-    """The peer stopped reading: a send could not finish within SEND_TIMEOUT."""
-
-
-class ServerWebSocket:
-    """The server side of one upgraded connection.
-
-    Writes come from two threads: the connection's own (control frames,
-    /logs lines) and the broadcaster (live /events). Every write holds
-    ``_write_lock``, and bytes the socket could not take yet stay in
-    ``_backlog``, so whatever is written next lands after them: frames are
-    never interleaved.
-    """
-
-    def __init__(self, sock: socket.socket, conn: WSConnection) -> None:
-        self._sock = sock
-        self._conn = conn
-        self._conn_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._backlog = bytearray()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        # tack batches its own writes; Nagle would hold each small frame
-        # until the peer's delayed ACK (~40 ms) arrives.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Non-blocking for good: a Python socket with a timeout would wait in
-        # send() even when asked not to, and stall the broadcaster.
-        sock.setblocking(False)
-        self._last_ping = time.monotonic()
-        self.open = True
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def send_encoded(self, data: bytes) -> None:
-        """Frames already encoded; blocks until written (up to SEND_TIMEOUT).
-
-        For a connection's own thread (/logs, the log subscription), which no
-        other thread writes for: waiting for the socket happens outside the
-        write lock, so nothing else ever waits on this peer.
-        """
-        deadline = time.monotonic() + SEND_TIMEOUT
-        pending = data
-        while not self.send_nowait(pending):
-            pending = b""
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.open = False
-                raise ClientStalled(f"not reading for {SEND_TIMEOUT:.0f}s")
-            _wait_for(self._sock, select.POLLOUT, left)
-
-    def send_nowait(self, data: bytes = b"") -> bool:
-        """Write what the socket takes now and keep the rest; True once nothing is left.
-
-        Never blocks. A peer that lets more than MAX_BACKLOG pile up (it does
-        not read, not even its pongs) is stalled, and dropped.
-        """
-        with self._write_lock:
-            self._backlog += data
-            while self._backlog:
-                try:
-                    sent = self._sock.send(self._backlog)
-                except BlockingIOError:
-                    if len(self._backlog) > MAX_BACKLOG:
-                        self.open = False
-                        raise ClientStalled("not reading: too much unsent") from None
-                    return False
-                except OSError as exc:
-                    self.open = False
-                    raise ClientGone(f"send failed: {exc}") from None
-                del self._backlog[:sent]
-            return True
-
-    @property
-    def has_backlog(self) -> bool:
-        """Bytes are queued: the peer is slow; more is not sent until they go."""
-        return bool(self._backlog)
-
-    def ping_if_due(self) -> None:
-        if time.monotonic() - self._last_ping >= PING_EVERY:
-            self._send_event(Ping())
-            self._last_ping = time.monotonic()
-
-    def poll(self, timeout: float = 0.0) -> None:
-        """Answer what the peer sent (pings, close), waiting up to ``timeout`` for it;
-        raise ClientGone once it closed."""
-        while self.open and _wait_for(self._sock, select.POLLIN, timeout):
-            timeout = 0.0
-            try:
-                data = self._sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            if not data:
-                raise ClientGone("connection closed")
-            with self._conn_lock:
-                self._conn.receive_data(data)
-                events = list(self._conn.events())
-            for event in events:
-                if isinstance(event, Ping):
-                    self._send_event(event.response())
-                elif isinstance(event, CloseConnection):
-                    self._send_event(event.response())
-                    self.open = False
-                    raise ClientGone("closed by peer")
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        if not self.open:
-            return
-        try:
-            self._send_event(CloseConnection(code=code, reason=reason))
-            self.open = False
-            deadline = time.monotonic() + 1.0
-            # Let what is queued (the close frame last) go out, briefly.
-            while not self.send_nowait() and time.monotonic() < deadline:
-                _wait_for(self._sock, select.POLLOUT, deadline - time.monotonic())
-            if _wait_for(self._sock, select.POLLIN, max(deadline - time.monotonic(), 0.05)):
-                self._sock.recv(1024)  # the peer's closing handshake, best effort
-        except (OSError, ClientGone):
-            self.open = False
-
-    def abort(self) -> None:
-        """Cut the connection now (a dropped subscriber); its reader wakes and ends."""
-        self.open = False
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _send_event(self, event: Any) -> None:
-        """Control frames (pong, ping, close) never block: they join the queue
-        behind whatever is partly written, and go out as the socket drains
-        (the broadcaster's next pass, or this connection's next write)."""
-        with self._conn_lock:
-            data = self._conn.send(event)
-        self.send_nowait(data)
-
-
-def _wait_for(sock: socket.socket, events: int, timeout: float) -> bool:
-    """Wait until ``sock`` is ready for ``events``; poll(2) has no descriptor
-    limit, where select(2) fails for descriptors of 1024 and above."""
-    poller = select.poll()
-    poller.register(sock, events)
-    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 class _Subscription:
@@ -385,40 +241,6 @@ def _wait_writable(subscriptions: list[_Subscription], timeout: float) -> None:
         with contextlib.suppress(ValueError, OSError):  # a socket closed meanwhile
             poller.register(subscription.ws.fileno(), select.POLLOUT)
     poller.poll(timeout * 1000)
-
-
-def _server_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, unmasked frame (server to client), so one encoding serves
-    every subscriber. The header is RFC 6455 §5.2's two to ten bytes: FIN and
-    the opcode, then the length in 7, 7+16 or 7+64 bits. Built here, it costs
-    a tenth of websocket-client's ``ABNF.format`` (2 us a frame), which was
-    the largest part of a million-event backfill and of a log replay."""
-    length = len(payload)
-    if length < 126:
-        return _SHORT_HEADER.pack(0x80 | opcode, length) + payload
-    if length < 1 << 16:
-        return _MEDIUM_HEADER.pack(0x80 | opcode, 126, length) + payload
-    return _LONG_HEADER.pack(0x80 | opcode, 127, length) + payload
-
-
-_SHORT_HEADER, _MEDIUM_HEADER, _LONG_HEADER = (
-    struct.Struct("!BB"),
-    struct.Struct("!BBH"),
-    struct.Struct("!BBQ"),
-)
-
-
-def encode_utf8_frame(data: bytes) -> bytes:
-    """A text frame of text already UTF-8 (a stored status event)."""
-    return _server_frame(ABNF.OPCODE_TEXT, data)
-
-
-def encode_text_frame(text: str) -> bytes:
-    return encode_utf8_frame(text.encode("utf-8"))
-
-
-def encode_binary_frame(data: bytes) -> bytes:
-    return _server_frame(ABNF.OPCODE_BINARY, data)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -640,6 +462,12 @@ class TackHTTPServer(ThreadingHTTPServer):
     header_timeout = HEADER_TIMEOUT
     app: App
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the bind, which may fail and close the server at once.
+        self.waiting_room = WaitingRoom(ready=self._give_thread, gone=self.shutdown_request)
+        self._kept: set[socket.socket] = set()
+        super().__init__(*args, **kwargs)
+
     def server_activate(self) -> None:
         super().server_activate()
         self._guard = threading.Lock()
@@ -647,7 +475,6 @@ class TackHTTPServer(ThreadingHTTPServer):
         self._per_client: dict[str, int] = {}
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY)
         self._shed_logged = 0.0
-        self.waiting_room = WaitingRoom(ready=self._give_thread, gone=self.shutdown_request)
 
     def get_request(self):
         try:
@@ -694,8 +521,22 @@ class TackHTTPServer(ThreadingHTTPServer):
         self.waiting_room.close()
         super().server_close()
 
+    def keep(self, request: socket.socket) -> None:
+        """Leave ``request`` open when its thread is done: something else
+        (the listening room) owns it now, and calls ``release`` at its end."""
+        with self._guard:
+            self._kept.add(request)
+
+    def release(self, request: socket.socket) -> None:
+        """Close a connection that ``keep`` kept."""
+        with self._guard:
+            self._kept.discard(request)
+        self.shutdown_request(request)
+
     def shutdown_request(self, request) -> None:
         with self._guard:
+            if request in self._kept:
+                return
             client = self._open.pop(request.fileno(), None) if request.fileno() >= 0 else None
             if client is not None:
                 left = self._per_client.get(client, 1) - 1
@@ -738,6 +579,7 @@ class App:
         self.follower = follower
         self.stop = stop
         self.broadcaster = Broadcaster(statuses, stop)
+        self.listening = ListeningRoom(stop)
         statuses.after_commit = self.broadcaster.send_committed
         self.get_routes: dict[str, Route] = {
             "/": self.banner,
@@ -825,18 +667,18 @@ class App:
         client = handler.client_address[0]
         log.info("events subscriber connected", extra={"client": client, "cursor": cursor})
         subscription = self.broadcaster.subscribe(ws, after, client)
-        # This thread only reads (pings, close); the broadcaster writes events.
-        try:
-            while not self.stop.is_set() and not subscription.ended.is_set():
-                ws.poll(timeout=1.0)
-                ws.ping_if_due()
-            if not subscription.ended.is_set():
-                ws.close(1001, "spindle shutting down")
-        except ClientGone as exc:
-            if not subscription.ended.is_set():
-                log.info("events subscriber gone", extra={"client": client, "reason": str(exc)})
-        finally:
+        # The broadcaster writes its events; the listening room answers what
+        # it sends, so this thread ends here and the connection stays open.
+        server, connection = handler.server, handler.connection
+        server.keep(connection)
+
+        def gone(reason: str) -> None:
             self.broadcaster.unsubscribe(subscription)
+            if not (subscription.ended.is_set() or self.stop.is_set()):
+                log.info("events subscriber gone", extra={"client": client, "reason": reason})
+            server.release(connection)
+
+        self.listening.watch(ws, gone)
 
     # --- /logs/<knot>/<rkey>/<workflow> ---------------------------------------------------
 
@@ -899,4 +741,6 @@ class Server:
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        # Subscribers get their close frames (the stop event was set first).
+        self.httpd.app.listening.join(LISTENING_CLOSE_WAIT)
         self.httpd.server_close()
