@@ -4,8 +4,8 @@ A real tack process follows a current knot stand-in that serves a real git
 repository. After one push has warmed tack's mirror, each of ``BENCH_PUSHES``
 new commits is announced and timed until its workflow's ``pending`` frame
 arrives. Most of that is git: the floor is the same fetch and reads
-(``fetch --depth=1 --filter=tree:0``, ``ls-tree``, ``cat-file``) run directly
-against the same knot in a warm mirror, measured in the same run.
+(``fetch --depth=1 --filter=blob:none``, ``ls-tree``, ``cat-file``) run
+directly against the same knot in a warm mirror, measured in the same run.
 
 Then the workflow fetch of a repository with ``BENCH_FILES`` files: tack's
 fetcher, cold (new mirror) and warm (next commit), against a plain shallow
@@ -97,7 +97,8 @@ def git_floor(knot: KnotStandin, shas: list[str]) -> list[float]:
     times = []
     for index, sha in enumerate(shas[:50]):
         started = time.perf_counter()
-        fetch = [*git, "fetch", "-q", "--depth=1", "--filter=tree:0", "--no-tags", "origin", sha]
+        fetch = [*git, "-c", "fetch.negotiationAlgorithm=noop", "fetch", "-q", "--depth=1"]
+        fetch += ["--filter=blob:none", "--no-tags", "origin", sha]
         done = subprocess.run(fetch, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"floor fetch {index} failed: {done.stderr.strip()}")

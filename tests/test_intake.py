@@ -13,8 +13,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import subprocess
 
 import pytest
+
+from tack.intake.fetch import WorkflowFetcher
 
 from .identities import DocumentHost, Identity
 from .spindle_clients import EventsClient, read_log
@@ -133,6 +136,44 @@ def test_a_push_runs_the_workflows_read_from_the_repo(served, current_knot):
     assert [line["content"] for line in log.lines if line["kind"] == "data"] == [
         "dummy: would run: make"
     ]
+
+
+def _objects(mirror_root, kind: str) -> int:
+    """How many objects of ``kind`` the one mirror under ``mirror_root`` holds."""
+    (mirror,) = list(mirror_root.iterdir())
+    listing = subprocess.run(
+        ["git", "cat-file", "--batch-all-objects", "--batch-check=%(objecttype)"],
+        cwd=mirror,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return listing.split().count(kind)
+
+
+def test_a_push_fetches_its_commit_not_the_history_behind_it(tmp_path, current_knot):
+    """Each push cost more than the one before while asking whether the
+    mirror held a commit fetched it, with all its history (a lazy fetch has
+    no depth)."""
+    git = GitRepo(current_knot.git_root, REPO_DID, {".tangled/workflows/ci.yml": workflow()})
+    shas = [git.commit({"n": str(index)}) for index in range(30)]
+    fetcher = WorkflowFetcher(tmp_path / "mirrors", dev=True)
+    for sha in (shas[-2], shas[-1], shas[-1]):
+        assert fetcher.workflow_files(current_knot.name, REPO_DID, sha) == {"ci.yml": workflow()}
+    assert _objects(tmp_path / "mirrors", "commit") == 2
+
+
+def test_a_grown_mirror_is_renewed_and_reads_on(tmp_path, current_knot, caplog):
+    git = GitRepo(current_knot.git_root, REPO_DID, {".tangled/workflows/ci.yml": workflow()})
+    fetcher = WorkflowFetcher(tmp_path / "mirrors", dev=True, max_packs=4)
+    for index in range(8):
+        steps = f"make step{index}"
+        sha = git.commit({".tangled/workflows/ci.yml": workflow(steps)})
+        files = fetcher.workflow_files(current_knot.name, REPO_DID, sha)
+        assert files == {"ci.yml": workflow(steps)}
+        packs = list((tmp_path / "mirrors").glob("*/objects/pack/*.pack"))
+        assert len(packs) <= 4, "a mirror past its packs is renewed at once"
+    assert any(record.getMessage() == "mirror renewed" for record in caplog.records)
 
 
 def test_when_rules_pick_workflows_by_branch_tag_and_paths(served, current_knot):

@@ -3,9 +3,12 @@
 Today's knots hand the spindle a ref update, not compiled workflows, so tack
 reads the workflow files itself (protocol-2026 §5.3). It keeps one bare,
 partial mirror per repository and fetches only what it needs with git's
-partial, shallow fetch: the commit (``--depth=1 --filter=tree:0``), then,
-lazily, the trees down to ``.tangled/workflows`` and the blobs of the regular
-files directly in it. This works with git 2.39 (no ``--revision``).
+partial, shallow fetch: the commit and its trees in one round trip
+(``--depth=1 --filter=blob:none``; fetching the commit alone left its trees
+to a second one, and a lazy fetch of a tree brings every tree below it
+anyway), then, lazily, the blobs of the regular files directly in
+``.tangled/workflows`` that the mirror does not hold yet. This works with
+git 2.39 (no ``--revision``).
 
 Bounds and safety, because the knot and the repository are untrusted:
 
@@ -42,6 +45,7 @@ GIT_TIMEOUT = 60.0
 MAX_FILE_BYTES = 256 * 1024  # a workflow file; larger ones fail that workflow
 MAX_WORKFLOW_FILES = 50  # the lexicon's bound on a pipeline's workflows
 MAX_WRITE_BYTES = 256 * 1024 * 1024  # any one file git writes (a pack)
+MAX_PACKS = 256  # a mirror's packs, beyond which it is renewed
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _REPO_PATH = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2040}(/[A-Za-z0-9._-]{1,255})?$")
 
@@ -59,10 +63,13 @@ class FetchError(Exception):
 
 
 class WorkflowFetcher:
-    def __init__(self, cache_dir: Path, dev: bool, timeout: float = GIT_TIMEOUT) -> None:
+    def __init__(
+        self, cache_dir: Path, dev: bool, timeout: float = GIT_TIMEOUT, max_packs: int = MAX_PACKS
+    ) -> None:
         self.cache_dir = Path(cache_dir)
         self.dev = dev
         self.timeout = timeout
+        self.max_packs = max_packs
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -85,9 +92,11 @@ class WorkflowFetcher:
             self._ensure_mirror(mirror, url)
             git = _Git(mirror, resolve, self.dev, self.timeout)
             if not git.has_commit(sha):
-                git.run("fetch", "-q", "--depth=1", "--filter=tree:0", "--no-tags", "origin", sha)
+                git.fetch_commit(sha)
             entries = git.list_workflow_dir(sha)
-            return git.read_blobs(entries)
+            files = git.read_blobs(entries)
+            self._renew_when_grown(git, knot, repo_path)
+            return files
 
     def default_branch(self, knot: str, repo_did: str) -> str:
         """The knot's answer to ``sh.tangled.repo.getDefaultBranch``; "" when it has none."""
@@ -121,6 +130,23 @@ class WorkflowFetcher:
         scheme = "http" if self.dev else "https"
         return f"{scheme}://{knot}/{repo_path}", resolve
 
+    def _renew_when_grown(self, git: _Git, knot: str, repo_path: str) -> None:
+        """Throw the mirror away once it holds more than ``max_packs`` packs; the
+        next push fetches into a new one.
+
+        Each push leaves packs (the commit, its trees, its files) and a line in
+        the shallow file, which every later fetch sends to the knot. A mirror
+        is only a cache, and a cold fetch of one commit costs little more than
+        a warm one, so starting afresh now and then keeps every push's cost
+        flat (git's own gc is off: see ``_Git``).
+        """
+        packs = git.mirror / "objects" / "pack"
+        count = sum(1 for entry in os.scandir(packs) if entry.name.endswith(".pack"))
+        if count <= self.max_packs:
+            return
+        shutil.rmtree(git.mirror, ignore_errors=True)
+        log.info("mirror renewed", extra={"knot": knot, "repo": repo_path, "packs": count})
+
     def _lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
@@ -142,7 +168,7 @@ def mirror_config(url: str) -> list[tuple[str, str]]:
         ("core.repositoryformatversion", "1"),
         ("remote.origin.url", url),
         ("remote.origin.promisor", "true"),
-        ("remote.origin.partialclonefilter", "tree:0"),
+        ("remote.origin.partialclonefilter", "blob:none"),
         ("extensions.partialClone", "origin"),
     ]
 
@@ -200,9 +226,29 @@ class _Git:
             raise FetchError(f"git {args[0]} failed: {(message or ['?'])[-1][:300]}")
         return out
 
+    def fetch_commit(self, sha: str) -> None:
+        """The commit and its trees, without history, in one round trip.
+
+        No "have" lines are sent (noop negotiation): a depth-1 fetch needs
+        none, and they would grow with the mirror.
+        """
+        self.run(
+            "-c", "fetch.negotiationAlgorithm=noop",
+            "fetch", "-q", "--depth=1", "--filter=blob:none", "--no-tags", "origin", sha,
+        )  # fmt: skip
+
     def has_commit(self, sha: str) -> bool:
+        """Whether the mirror holds the commit, without fetching it.
+
+        Not ``cat-file -e``: in a partial clone, asking for a missing object
+        fetches it from the knot with all the history behind it (a lazy
+        fetch has no depth), so each push cost more than the one before.
+        ``rev-list --missing`` never fetches.
+        """
         try:
-            self.run("cat-file", "-e", f"{sha}^{{commit}}")
+            self.run(
+                "rev-list", "-n1", "--no-walk", "--missing=allow-any", f"{sha}^{{commit}}", "--"
+            )
         except FetchError:
             return False
         return True
