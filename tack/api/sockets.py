@@ -38,8 +38,9 @@ class ClientStalled(ClientGone):
 class ServerWebSocket:
     """The server side of one upgraded connection.
 
-    Writes come from two threads: the connection's own (control frames,
-    /logs lines) and the broadcaster (live /events). Every write holds
+    Writes come from two threads: the one reading the connection (its own
+    for /logs, the listening room for /events: control frames, log lines)
+    and the broadcaster (live /events). Every write holds
     ``_write_lock``, and bytes the socket could not take yet stay in
     ``_backlog``, so whatever is written next lands after them: frames are
     never interleaved.
@@ -169,7 +170,8 @@ class ServerWebSocket:
             self.open = False
 
     def abort(self) -> None:
-        """Cut the connection now (a dropped subscriber); its reader wakes and ends."""
+        """Cut the connection now (a dropped subscriber); whoever reads it
+        sees it end."""
         self.open = False
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
