@@ -124,7 +124,10 @@ class ListeningRoom:
         for ws in watched:
             ws.start_close(1001, "spindle shutting down")
         deadline = time.monotonic() + CLOSE_WAIT
-        while time.monotonic() < deadline and any(ws.flush_nowait() is False for ws in watched):
-            time.sleep(0.02)
+        unsent = watched
+        while unsent and time.monotonic() < deadline:
+            unsent = [ws for ws in unsent if not ws.flush_nowait()]
+            if unsent:
+                time.sleep(0.02)
         for ws in watched:
             self._let_go(ws, "spindle shutting down")
