@@ -22,10 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .. import logs
 from .sockets import ClientGone, ServerWebSocket
-
-log = logs.get("server")
+from .waiting import run_room
 
 SWEEP_EVERY = 1.0
 CLOSE_WAIT = 1.0
@@ -79,19 +77,17 @@ class ListeningRoom:
     # --- the room's thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        next_sweep = time.monotonic() + SWEEP_EVERY
-        while not self._stop.is_set():
-            try:
-                # A socket registered while select() waits may be seen only
-                # at its next call, at most SWEEP_EVERY later: harmless, a
-                # new subscriber's first ping is not due for a while.
-                for key, _ in self._selector.select(SWEEP_EVERY):
-                    self._answer(key.data)
-                if time.monotonic() >= next_sweep:
-                    self._ping_those_due()
-                    next_sweep = time.monotonic() + SWEEP_EVERY
-            except Exception:
-                log.exception("listening room failed a step; watching on")
+        # A socket registered while select() waits may be seen only at its
+        # next call, at most SWEEP_EVERY later: harmless, a new subscriber's
+        # first ping is not due for a while.
+        run_room(
+            "listening room",
+            self._selector,
+            lambda: not self._stop.is_set(),
+            lambda key: self._answer(key.data),
+            self._ping_those_due,
+            SWEEP_EVERY,
+        )
         self._close_all()
 
     def _answer(self, ws: ServerWebSocket) -> None:

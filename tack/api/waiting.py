@@ -35,6 +35,32 @@ log = logs.get("server")
 SWEEP_EVERY = 0.25
 
 
+def run_room(
+    name: str,
+    selector: selectors.BaseSelector,
+    running: Callable[[], bool],
+    on_ready: Callable[[selectors.SelectorKey], None],
+    sweep: Callable[[], None],
+    every: float,
+) -> None:
+    """A room's thread: ``on_ready`` for each key the selector finds ready,
+    ``sweep`` every ``every`` seconds, while ``running()``.
+
+    One connection's trouble must not leave the others unwatched for ever:
+    a step that fails is logged, and the room watches on.
+    """
+    next_sweep = time.monotonic() + every
+    while running():
+        try:
+            for key, _ in selector.select(every):
+                on_ready(key)
+            if time.monotonic() >= next_sweep:
+                sweep()
+                next_sweep = time.monotonic() + every
+        except Exception:
+            log.exception(f"{name} failed a step; watching on")
+
+
 class WaitingRoom:
     """One thread and a selector for the connections that have not spoken yet.
 
@@ -89,21 +115,20 @@ class WaitingRoom:
     # --- the room's thread -------------------------------------------------------
 
     def _run(self) -> None:
-        next_sweep = time.monotonic() + SWEEP_EVERY
-        while not self._closed.is_set():
-            try:
-                for key, _ in self._selector.select(SWEEP_EVERY):
-                    if key.data is None:
-                        self._take_arrivals()
-                    else:
-                        self._spoke_or_left(key.fileobj, key.data)
-                if time.monotonic() >= next_sweep:
-                    self._let_the_silent_go()
-                    next_sweep = time.monotonic() + SWEEP_EVERY
-            except Exception:
-                # One connection's trouble must not leave the others waiting
-                # for ever: log it, and go on watching.
-                log.exception("waiting room failed a step; watching on")
+        run_room(
+            "waiting room",
+            self._selector,
+            lambda: not self._closed.is_set(),
+            self._on_ready,
+            self._let_the_silent_go,
+            SWEEP_EVERY,
+        )
+
+    def _on_ready(self, key: selectors.SelectorKey) -> None:
+        if key.data is None:
+            self._take_arrivals()
+        else:
+            self._spoke_or_left(key.fileobj, key.data)
 
     def _take_arrivals(self) -> None:
         with contextlib.suppress(BlockingIOError):
