@@ -513,8 +513,17 @@ class TackHTTPServer(ThreadingHTTPServer):
         self.waiting_room.admit(request, client_address, self.header_timeout)
 
     def _give_thread(self, request, client_address) -> None:
-        """A connection that spoke: a thread of its own (ThreadingMixIn)."""
-        super().process_request(request, client_address)
+        """A connection that spoke: a thread of its own (ThreadingMixIn).
+
+        If no thread can be started, the connection is logged and closed, as
+        socketserver does when its own ``process_request`` fails: left
+        open, it would count against ``max_connections`` for ever.
+        """
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
 
     def server_close(self) -> None:
         # The room first: once ThreadingMixIn closes, no thread may be given.
