@@ -51,6 +51,14 @@ class IdleKnots:
     def names(self) -> list[str]:
         return [f"127.0.0.1:{sock.getsockname()[1]}" for sock in self.listeners]
 
+    def drop_all(self) -> int:
+        """Close every stream at once, as a network blip on tack's side would;
+        how many were open. The ports keep accepting."""
+        held, self._held = self._held, []
+        for conn in held:
+            conn.close()
+        return len(held)
+
     def _serve(self) -> None:
         while True:
             for key, _ in self.selector.select(1.0):
@@ -87,11 +95,11 @@ def process_figures(pid: int) -> tuple[float, int, int]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"]), descriptors
 
 
-def time_banner(port: int, rounds: int = 50) -> list[float]:
+def time_banner(port: int, rounds: int = 50, timeout: float = 10) -> list[float]:
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
             conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             while conn.recv(65536):
                 pass

@@ -7,6 +7,13 @@ tack's RSS, threads and open descriptors, and its CPU use over
 ``BENCH_RUNS`` windows of 10 s (median and spread); and each per knot.
 The floor is the same tack following no knot, measured in the same run.
 Target on 2 cores: 2,000 idle knots under 250 MB and 3% CPU.
+
+Then every stream is dropped at once, ``BENCH_RUNS`` times, as when tack's
+own network blips: reported are the time until all are followed again and
+the slowest ``GET /`` meanwhile (one every 10 ms), against the slowest of
+as many while all were idle. With a thread per knot, the 2,000 threads
+waking together kept the port from answering for 3 to 30 s before
+connections took turns (``TACK_KNOT_CONNECTS_PER_SECOND``).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import os
 import time
 
 from _common import RUNS, BenchTack, Spread, report
-from connections import IdleKnots
+from connections import IdleKnots, time_banner
 
 from tests.standins import OWNER, REPO, Clock, JetstreamStandin, commit, repo
 
@@ -58,6 +65,7 @@ def main() -> None:
             raise SystemExit(f"only {knots.streams} of {KNOTS} knots subscribed within 180 s")
         time.sleep(0.2)
     rss, threads, descriptors, cpu = idle_figures(tack)
+    idle_worst, back, worst = drop_figures(tack, knots)
     tack.stop()
     print(
         f"floor (no knots): RSS {base_rss:.1f} MB, {base_threads} threads,"
@@ -72,6 +80,11 @@ def main() -> None:
         f" {(descriptors - base_fds) / KNOTS:.2f} descriptors"
         " (target: under 250 MB and 3% CPU)"
     )
+    print(
+        f"all {KNOTS} streams dropped at once: followed again after {back:.1f} s;"
+        f" slowest GET / meanwhile {worst:.0f} ms, {worst.ratio_to(idle_worst):.0f}x"
+        f" the slowest while idle ({idle_worst.median:.1f} ms)"
+    )
     report(
         {
             "knots": KNOTS,
@@ -81,8 +94,31 @@ def main() -> None:
             "descriptors": descriptors,
             "idle_cpu_percent": cpu.as_json(),
             "floor_idle_cpu_percent": base_cpu.as_json(),
+            "drop_all_back_s": back.as_json(),
+            "drop_all_worst_get_ms": worst.as_json(),
+            "idle_worst_get_ms": idle_worst.as_json(),
         }
     )
+
+
+def drop_figures(tack: BenchTack, knots: IdleKnots) -> tuple[Spread, Spread, Spread]:
+    """(slowest GET / while idle, seconds until all are back, slowest GET /
+    meanwhile) over ``RUNS`` drops of every stream at once."""
+    idle_worst, back, worst = [], [], []
+    for _ in range(RUNS):
+        idle_worst.append(max(time_banner(tack.port, rounds=100)))
+        followed = knots.streams
+        dropped = time.monotonic()
+        knots.drop_all()
+        slowest = 0.0
+        while knots.streams < followed + KNOTS:
+            if time.monotonic() - dropped > 180:
+                raise SystemExit(f"only {knots.streams - followed} of {KNOTS} back in 180 s")
+            slowest = max(slowest, *time_banner(tack.port, rounds=1, timeout=120))
+            time.sleep(0.01)
+        back.append(time.monotonic() - dropped)
+        worst.append(slowest)
+    return Spread(idle_worst), Spread(back), Spread(worst)
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -308,6 +308,14 @@ SETTINGS: tuple[Setting, ...] = (
         "cap of the exponential reconnect delay",
     ),
     Setting(
+        "TACK_KNOT_CONNECTS_PER_SECOND",
+        "knot_connects_per_second",
+        _bounded(float, 1, 100_000),
+        "200",
+        "knot stream connections begun per second at most, across all knots "
+        "(knots that dropped together come back a few at a time)",
+    ),
+    Setting(
         "TACK_MAX_CONNECTIONS",
         "max_connections",
         _bounded(int, 16, 1_000_000),
@@ -419,6 +427,7 @@ class Config:
     secrets_key_file: str | None
     reconnect_min: float
     reconnect_max: float
+    knot_connects_per_second: float
     max_connections: int
     max_connections_per_client: int
     jetstream_retention_hours: float

@@ -83,6 +83,52 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+# How much a one-byte read takes in at once (see ``_ReadAhead``).
+READ_AHEAD_BYTES = 4096
+
+
+class _ReadAhead:
+    """A socket whose one-byte reads are served from a read-ahead buffer.
+
+    websocket-client reads the handshake's answer a byte at a time: some 200
+    system calls (or OpenSSL reads) per connection, each giving up and taking
+    back the interpreter lock. With hundreds of knots reconnecting together,
+    those hand-overs kept both cores busy in the kernel. Reading ahead loses
+    nothing: what came after the answer (the first frames) is served from the
+    buffer, in order, before the socket is read again, whichever read asks.
+    """
+
+    _ahead = b""
+    _taken = 0  # how much of ``_ahead`` was served
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._taken < len(self._ahead):
+            data = self._ahead[self._taken : self._taken + bufsize]
+            self._taken += len(data)
+            return data
+        if bufsize == 1 and not flags:
+            self._ahead, self._taken = super().recv(READ_AHEAD_BYTES), 1  # type: ignore[misc]
+            return self._ahead[:1]
+        return super().recv(bufsize, flags)  # type: ignore[misc]
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._taken < len(self._ahead):
+            view = memoryview(buffer).cast("B")
+            size = min(nbytes or len(view), len(self._ahead) - self._taken)
+            view[:size] = self._ahead[self._taken : self._taken + size]
+            self._taken += size
+            return size
+        return super().recv_into(buffer, nbytes, flags)  # type: ignore[misc]
+
+
+class _ReadAheadSocket(_ReadAhead, socket.socket):
+    pass
+
+
+class _ReadAheadSSLSocket(_ReadAhead, ssl.SSLSocket):
+    pass
+
+
 def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.socket:
     """Resolve, refuse non-public addresses (outside dev), connect, and do TLS
     (for ``wss://`` and ``https://``)."""
@@ -91,7 +137,7 @@ def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.soc
     port = parts.port or (443 if secure else 80)
     error: OSError | None = None
     for family, kind, proto, _, address in vetted_addresses(host, port, dev):
-        sock = socket.socket(family, kind, proto)  # as create_connection: each in turn
+        sock = _ReadAheadSocket(family, kind, proto)  # as create_connection: each in turn
         sock.settimeout(timeout)
         try:
             sock.connect(address)
@@ -101,7 +147,9 @@ def open_vetted_socket(url: str, dev: bool, timeout: float = 10.0) -> socket.soc
             continue
         try:
             if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+                context = ssl.create_default_context()
+                context.sslsocket_class = _ReadAheadSSLSocket
+                sock = context.wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
             raise

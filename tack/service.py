@@ -156,6 +156,7 @@ class Spindle:
                 backoff=backoff,
                 read_cursor=store.get_cursor,
                 write_cursor=store.save_cursor,
+                connects_per_second=config.knot_connects_per_second,
             )
         )
         self.wanted_knots = self.directory.wanted_knots()

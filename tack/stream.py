@@ -9,6 +9,7 @@ reconnect resumes from what was actually processed.
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -183,6 +184,33 @@ class Backoff:
     cap: float = 60.0
 
 
+class ConnectPacer:
+    """Spaces out the connection attempts of many followers: one every
+    ``1 / per_second`` seconds at most, whichever follower asks.
+
+    Why: when tack's own network blips, every knot stream drops at once and
+    would reconnect at once. 2,000 threads runnable together starve every
+    other thread of the GIL: the HTTP port went unanswered for 3 to 30 s. A
+    follower waiting for its turn sleeps until then (not runnable, and a stop
+    still wakes it), so the attempts arrive a few at a time. A rate, not a
+    limit on attempts in flight: a knot that takes the whole connect timeout
+    to fail holds no one else up.
+    """
+
+    def __init__(self, per_second: float) -> None:
+        self._gap = 1.0 / per_second
+        self._next = 0.0  # monotonic time of the next free turn
+        self._lock = threading.Lock()
+
+    def wait_turn(self, stop: threading.Event) -> bool:
+        """Sleep until this caller's turn; False if ``stop`` was set first."""
+        with self._lock:
+            now = time.monotonic()
+            turn = max(now, self._next)
+            self._next = turn + self._gap
+        return not stop.wait(turn - now) if turn > now else not stop.is_set()
+
+
 class StreamEnded(Exception):
     """The peer closed the stream or went silent; time to reconnect."""
 
@@ -195,6 +223,11 @@ class Follower:
     that one read brought in), and may block (that is how back-pressure
     reaches the socket); exceptions it raises are logged and the stream
     reconnects.
+
+    Many followers (one per knot) share a ``pacer``, which spaces their
+    connection attempts, and a ``tidy_gate``, held while one tidies up after
+    its connection dropped: when all drop at once, the woken threads go
+    through one at a time instead of all fighting for the interpreter lock.
     """
 
     def __init__(
@@ -213,8 +246,12 @@ class Follower:
         ping_every: float = PING_EVERY,
         idle_limit: float = IDLE_LIMIT,
         on_idle: Callable[[], None] | None = None,
+        pacer: ConnectPacer | None = None,
+        tidy_gate: threading.Lock | None = None,
     ) -> None:
         self._log = logs.get(component)
+        self._pacer = pacer
+        self._tidy_gate = tidy_gate or contextlib.nullcontext()
         self._ping_every = ping_every
         self._idle_limit = idle_limit
         self._on_idle = on_idle
@@ -248,8 +285,10 @@ class Follower:
                 if not self._stop.is_set():
                     self._log.exception("stream follower failed", extra=self._ids)
             # Even after a healthy session, wait the shortest delay before
-            # reconnecting, so a peer that keeps dropping us is not hammered.
-            self._stop.wait(self._backoff.initial)
+            # reconnecting, so a peer that keeps dropping us is not hammered;
+            # jittered, so streams that dropped together (tack's network
+            # blipped) do not all wake in the same instant.
+            self._stop.wait(self._backoff.initial * (1 + random.random()))
 
     @property
     def connected(self) -> bool:
@@ -299,6 +338,8 @@ class Follower:
         connection that drops is retried promptly. Healthy means it delivered
         frames or stayed up for HEALTHY_AFTER seconds (quiet knots are normal).
         """
+        if self._pacer is not None and not self._pacer.wait_turn(self._stop):
+            return  # stopping
         url = self._url()
         options: dict[str, Any] = {}
         if self._open_socket is not None:
@@ -327,13 +368,14 @@ class Follower:
         except (StreamEnded, websocket.WebSocketException, OSError) as exc:
             reason = _describe(exc)
         finally:
-            self._ws = None
-            # Closed, not only shut down: websocket-client's abort() leaves the
-            # descriptor open (and does nothing once it saw the peer's close),
-            # which leaked one socket per reconnect, half-open in CLOSE-WAIT.
-            ws.shutdown()
-            if self._on_disconnect:
-                self._on_disconnect()
+            with self._tidy_gate:  # one dropped stream at a time (see the class)
+                self._ws = None
+                # Closed, not only shut down: websocket-client's abort() leaves the
+                # descriptor open (and does nothing once it saw the peer's close),
+                # which leaked one socket per reconnect, half-open in CLOSE-WAIT.
+                ws.shutdown()
+                if self._on_disconnect:
+                    self._on_disconnect()
         if self._stop.is_set():
             return
         healthy = self._session_frames > 0 or time.monotonic() - started >= HEALTHY_AFTER

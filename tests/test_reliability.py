@@ -25,14 +25,17 @@ from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from tack import store, tid
-from tack.stream import Backoff, Follower
+from tack.net import open_vetted_socket
+from tack.stream import Backoff, ConnectPacer, Follower
 
+from .ci_fakes import self_signed_tls
 from .spindle_clients import EventsClient
 from .standins import (
     MEMBER,
     OWNER,
     REPO,
     JetstreamStandin,
+    KnotStandin,
     TackProcess,
     commit,
     db_cursor,
@@ -429,16 +432,16 @@ class _SilentPeer:
             self.connections += 1
 
 
-def _accept_handshake(conn: socket.socket) -> None:
+def _accept_handshake(conn: socket.socket, then: bytes = b"") -> None:
     """Answer a websocket client's opening handshake, with ``websockets``'
-    sans-I/O protocol."""
+    sans-I/O protocol; ``then`` goes out in the same write as the answer."""
     protocol = ServerProtocol()
     events: list = []
     while not events:
         protocol.receive_data(conn.recv(65536))
         events = protocol.events_received()
     protocol.send_response(protocol.accept(events[0]))
-    conn.sendall(b"".join(protocol.data_to_send()))
+    conn.sendall(b"".join(protocol.data_to_send()) + then)
 
 
 def _follow(url: str, stop: threading.Event) -> Follower:
@@ -479,12 +482,74 @@ def test_a_quiet_peer_that_answers_pings_keeps_its_connection():
         follower.close()
 
 
-def test_every_frame_shape_arrives_whole_and_in_order_however_the_bytes_are_cut():
+def test_connection_attempts_take_turns_and_a_stop_ends_the_wait():
+    """Twenty followers asking at once pass one turn apart (a turn every
+    20 ms: the last passes no sooner than 19 turns after the first asked),
+    and one waiting for a far turn leaves as soon as it is stopped."""
+    pacer, stop = ConnectPacer(per_second=50), threading.Event()
+    passed: list[float] = []
+    asked = time.monotonic()
+
+    def attempt() -> None:
+        if pacer.wait_turn(stop):
+            passed.append(time.monotonic())
+
+    threads = [threading.Thread(target=attempt) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(passed) == 20
+    assert max(passed) - asked >= 19 * 0.02 * 0.95
+
+    slow, outcome = ConnectPacer(per_second=1), []
+    assert slow.wait_turn(stop)  # the first turn is now
+    waiter = threading.Thread(target=lambda: outcome.append(slow.wait_turn(stop)))
+    waiter.start()
+    time.sleep(0.1)
+    stop.set()
+    waiter.join(0.5)  # its turn was a second away
+    assert outcome == [False]
+
+
+def test_knot_streams_that_drop_together_come_back_in_turns(jetstream, make_spindle, clock):
+    """tack's network blips and every knot stream drops at once. Each comes
+    back, resuming from its cursor, and the connections begin at most
+    TACK_KNOT_CONNECTS_PER_SECOND apart: with a thread per knot, 2,000
+    threads waking together kept the HTTP port from answering for seconds."""
+    knots = [KnotStandin() for _ in range(8)]
+    try:
+        make_spindle(real_knots=True, TACK_KNOT_CONNECTS_PER_SECOND="10")
+        for index, knot in enumerate(knots):
+            record = repo(f"hello{index}", knot.name)
+            jetstream.add(commit(clock, OWNER, REPO, f"r{index}", "create", record))
+        wait_until(lambda: all(k.open_connections == 1 for k in knots), what="every knot followed")
+        dropped = time.monotonic()
+        for knot in knots:
+            knot.drop()
+        wait_until(lambda: all(len(k.cursors) == 2 for k in knots), timeout=20, what="all back")
+        # Eight connections at ten a second: the last begins 0.7 s after the first.
+        assert time.monotonic() - dropped >= 0.7 * 0.95
+        assert all(k.cursors[1] is not None for k in knots), "each resumed from its cursor"
+        wait_until(lambda: all(k.open_connections == 1 for k in knots), what="and stayed")
+    finally:
+        for knot in knots:
+            knot.close()
+
+
+@pytest.mark.parametrize("opened_by", ["websocket-client", "tack", "tack over TLS"])
+def test_every_frame_shape_arrives_whole_and_in_order_however_the_bytes_are_cut(
+    opened_by, tmp_path, monkeypatch
+):
     """The reader splits the frames in its receive buffer itself (stream.py's
     fast path) and leaves the rest to websocket-client. Payloads at each
     length-field boundary, binary frames, a ping and a fragmented message,
     written in pieces of 1 to 1,500 bytes (headers cut anywhere): each
-    message arrives once, whole, in order."""
+    message arrives once, whole, in order.
+
+    Knot sockets are opened by tack (``net.open_vetted_socket``), which reads
+    ahead during the handshake: the first piece is written with the
+    handshake's answer, so it lands in that read-ahead buffer."""
     lengths = [1, 2, 124, 125, 126, 127, 300, 65_535, 65_536, 70_000, 5, 126]
     messages = [bytes([65 + i % 26]) * length for i, length in enumerate(lengths)]
     wire = bytearray()
@@ -502,13 +567,22 @@ def test_every_frame_shape_arrives_whole_and_in_order_however_the_bytes_are_cut(
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
+    scheme, open_socket, tls = "ws", None, None
+    if opened_by != "websocket-client":
+        open_socket = lambda url: open_vetted_socket(url, dev=True)  # noqa: E731
+    if opened_by == "tack over TLS":
+        tls, trusted = self_signed_tls(tmp_path)
+        monkeypatch.setenv("SSL_CERT_FILE", str(trusted))  # what the client trusts
+        scheme = "wss"
 
     def serve() -> None:
         conn, _ = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _accept_handshake(conn)
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_side=True)
+        _accept_handshake(conn, then=bytes(wire[:40]))
         cuts = random.Random(7)
-        position = 0
+        position = 40
         while position < len(wire):
             size = cuts.choice((1, 2, 3, 5, cuts.randint(1, 1500)))
             conn.sendall(wire[position : position + size])
@@ -521,10 +595,11 @@ def test_every_frame_shape_arrives_whole_and_in_order_however_the_bytes_are_cut(
     stop = threading.Event()
     follower = Follower(
         component="test",
-        url=lambda: f"ws://127.0.0.1:{port}/subscribe",
+        url=lambda: f"{scheme}://127.0.0.1:{port}/subscribe",
         on_frames=received.extend,
         stop=stop,
         backoff=Backoff(initial=0.05, cap=0.2),
+        open_socket=open_socket,
     )
     threading.Thread(target=follower.run, daemon=True).start()
     try:

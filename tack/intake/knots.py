@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from .. import logs
 from ..net import HostRefused, open_vetted_socket, vet_host
 from ..store import release_connection
-from ..stream import Backoff, Follower
+from ..stream import Backoff, ConnectPacer, Follower
 
 if TYPE_CHECKING:
     from .knot_frames import KnotIntake
@@ -90,6 +90,8 @@ class _KnotStream:
             # otherwise). Not after every frame: reopening one cost more
             # than the rest of taking a frame in.
             on_idle=release_connection,
+            pacer=consumer.pacer,
+            tidy_gate=consumer.tidy_gate,
         )
         self.thread = threading.Thread(target=self._run, name=f"knot-{knot}", daemon=True)
 
@@ -181,8 +183,11 @@ class KnotConsumer:
         backoff: Backoff,
         read_cursor: Callable[[str], int | None],
         write_cursor: Callable[[str, int], None],
+        connects_per_second: float,
     ) -> None:
         self.intake = intake
+        self.pacer = ConnectPacer(connects_per_second)
+        self.tidy_gate = threading.Lock()
         self.dev = dev
         self.backoff = backoff
         self.read_cursor = read_cursor
