@@ -15,6 +15,11 @@ again, and takes its ratios to the mean of its two floors (one build's rate
 drifts by a third on the shared VM within a minute, and the last of a round
 bore all of it). Target: 200 followers of other workflows cost the writer at
 most 20% (ratio >= 0.8).
+
+Then ``BENCH_DEPARTING`` (1,000) followers of one quiet workflow leave at
+once, ``BENCH_RUNS`` times: reported is the slowest ``GET /`` just after,
+against the slowest while they follow. Their threads woke together and
+stalled the port for 0.26-1.2 s before they took turns tidying up.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from pathlib import Path
 
 import websocket
 from _common import RUNS, Spread, report, tack_serving_one_repo
+from connections import time_banner
 
 from tests.appview_client import AppviewClient
 from tests.spindle_clients import EventsClient
 from tests.standins import OWNER, push_pipeline, wait_until
 
 FOLLOWERS = int(os.environ.get("BENCH_FOLLOWERS", "200"))
+DEPARTING = int(os.environ.get("BENCH_DEPARTING", "1000"))
 LINES = int(os.environ.get("BENCH_LOG_LINES", "200000"))
 QUIET = "dummy:\n  delay: 60\nsteps:\n" + "".join(
     f"  - name: wait {i}\n    command: 'true'\n" for i in range(30)
@@ -140,6 +147,7 @@ def main() -> None:
             floor = (rates[0][-1] + rates[0][-2]) / 2
             for count in counts:
                 ratios[count].append(rates[count][-1] / floor)
+        idle_worst, departure_worst = departures(bench, quiet)
     finally:
         bench.tack.stop()
     result: dict = {"lines": LINES, "runs": RUNS}
@@ -153,7 +161,30 @@ def main() -> None:
         )
         result[f"followers_{count}"] = {"lines_per_s": rate.as_json(), "ratio": ratio.as_json()}
     result["floor_lines_per_s"] = floor.as_json()
+    print(
+        f"{DEPARTING} followers leaving at once: slowest GET / {departure_worst:.0f} ms,"
+        f" {departure_worst.ratio_to(idle_worst):.0f}x the slowest while they follow"
+        f" ({idle_worst.median:.1f} ms)"
+    )
+    result["departure_worst_get_ms"] = departure_worst.as_json()
+    result["following_worst_get_ms"] = idle_worst.as_json()
     report(result)
+
+
+def departures(bench: Bench, quiet: list[tuple[str, str]]) -> tuple[Spread, Spread]:
+    """(slowest GET / while DEPARTING followers follow, slowest GET / once
+    they all leave at once), ``RUNS`` times. Each follower holds a thread;
+    leaving together, those threads wake together."""
+    following, leaving = [], []
+    for _ in range(RUNS):
+        crowd = connect_followers(bench.tack.port, bench.knot.name, quiet[:1] * DEPARTING)
+        time.sleep(SETTLE)
+        following.append(max(time_banner(bench.tack.port, rounds=30)))
+        for ws in crowd:
+            ws.sock.close()
+        leaving.append(max(time_banner(bench.tack.port, rounds=30, timeout=60)))
+        time.sleep(SETTLE)
+    return Spread(following), Spread(leaving)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ import websocket
 
 from tack.net import is_public
 
+from .appview_client import AppviewClient
 from .identities import DocumentHost, Identity
 from .spindle_clients import EventsClient, read_log
 from .standins import OWNER, TackProcess, plc_did, push_pipeline, tack_env, wait_until
 
 STEPS = "steps:\n  - name: One\n    command: echo one\n"
+SLOW = "steps:\n  - name: Wait\n    command: wait\ndummy:\n  delay: 30\n"
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -140,6 +142,43 @@ def test_events_subscribers_hold_no_thread_are_answered_and_may_all_leave_at_onc
 
     knot.send_pipeline(push_pipeline(knot.name, OWNER, "hello", [("a.yml", "dummy", STEPS)]))
     wait_until(lambda: client.statuses() == ["pending", "running", "success"])
+    answer = raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses_in(answer) == [200]
+
+
+def test_log_followers_may_all_leave_at_once(tack, knot):
+    """Followers of a running workflow, on /logs and subscribePipelineLogs,
+    leave together (some with a reset). Their threads tidy up one at a time
+    (api/follow.py), and every one is let go: the port and a new follower
+    go on."""
+    port, app = tack.server.port, tack.server.httpd.app
+    client = EventsClient(port).start()
+    rkey = knot.send_pipeline(
+        push_pipeline(knot.name, OWNER, "hello", [("slow.yml", "dummy", SLOW)])
+    )
+    wait_until(lambda: client.statuses("slow.yml")[-1:] == ["running"])
+    appview, logs_url = (
+        AppviewClient(port),
+        f"ws://127.0.0.1:{port}/logs/{knot.name}/{rkey}/slow.yml",
+    )
+    crowd = [
+        appview.subscribe_logs(rkey, ["slow.yml"]).ws
+        if index % 2
+        else websocket.create_connection(logs_url)
+        for index in range(60)
+    ]
+    wait_until(lambda: app.follower.streams == 60, what="all 60 following")
+
+    for index, ws in enumerate(crowd):
+        if index % 3 == 0:  # a reset, not a FIN
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ws.sock.close()
+    wait_until(lambda: app.follower.streams == 0, what="every leaver let go")
+    wait_until(lambda: tack.httpd._per_client.get("127.0.0.1", 0) == 1, what="their sockets closed")
+
+    late = websocket.create_connection(logs_url)
+    wait_until(lambda: app.follower.streams == 1, what="a new follower followed")
+    late.close()
     answer = raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert statuses_in(answer) == [200]
 

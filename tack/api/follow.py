@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..statuses import FINAL, StatusLog
 from ..store import Workflow, release_connection
 from ..worklogs import LogBook, LogReader, Wakeup
+from .sockets import ClientGone
 
 if TYPE_CHECKING:
     from .sockets import ServerWebSocket
@@ -52,6 +53,7 @@ class LogFollower:
         self._stop = stop
         self._streams = 0
         self._count_lock = threading.Lock()
+        self._departures = threading.Lock()  # see ``stream``
 
     @property
     def streams(self) -> int:
@@ -69,14 +71,28 @@ class LogFollower:
         ``ClientGone`` out of here."""
         with self._count_lock:
             self._streams += 1
+        departing = False
         try:
             with self._logbook.watching(f.workflow_id for f in follows) as grew:
-                self._stream(ws, follows, encode, end_reason, grew)
+                try:
+                    self._stream(ws, follows, encode, end_reason, grew)
+                except ClientGone:
+                    # Clients that leave together (an appview restarting)
+                    # wake their threads together; they tidy up one at a
+                    # time. All at once, 1,000 of them fighting over the
+                    # interpreter lock kept the port from answering for
+                    # 0.26 to 1.2 s; one at a time, 0.05 to 0.34 s.
+                    self._departures.acquire()
+                    departing = True
+                    raise
         finally:
             for follow in follows:
                 follow.log.close()
             with self._count_lock:
                 self._streams -= 1
+            if departing:
+                ws.abort()
+                self._departures.release()
 
     def _stream(
         self,
