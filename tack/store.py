@@ -674,15 +674,25 @@ def _row_values(model: type[BaseModel]) -> Callable[[dict], tuple]:
 
 @functools.cache
 def _upsert_statement(collection: str, rows: int) -> str:
-    """Upsert ``rows`` records of ``collection`` in one statement."""
+    """Upsert ``rows`` records of ``collection`` in one statement.
+
+    A record written again as it is stored is left alone: a restart's
+    replay and backfill bring back records unchanged, as do edits of fields
+    tack does not keep (a repo's description). Rewriting such a row cost
+    every index on it a delete and an insert, and fired the knot triggers.
+    """
     model = RECORD_MODELS[collection]
     columns = _columns(model)
-    values = [model._meta.fields[name] for name in columns if name not in ("did", "rkey")]
-    sample = {name: name for name in columns}
-    query = model.insert_many([sample] * rows).on_conflict(
-        conflict_target=[model.did, model.rkey], preserve=values
+    updated = [name for name in columns if name not in ("did", "rkey")]
+    names = ", ".join(f'"{name}"' for name in columns)
+    row = "(" + ", ".join("?" for _ in columns) + ")"
+    values = ", ".join(row for _ in range(rows))
+    assignments = ", ".join(f'"{name}" = excluded."{name}"' for name in updated)
+    changed = " OR ".join(f'"{name}" IS NOT excluded."{name}"' for name in updated)
+    return (
+        f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES {values}'
+        f' ON CONFLICT ("did", "rkey") DO UPDATE SET {assignments} WHERE {changed}'
     )
-    return query.sql()[0]
 
 
 @functools.cache

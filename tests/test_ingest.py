@@ -564,6 +564,27 @@ def test_a_batch_written_at_once_ends_as_if_written_in_order(tmp_path: Path):
     db.close()
 
 
+def test_a_record_written_again_unchanged_is_left_alone(tmp_path: Path):
+    """A replay or a backfill brings records back as they are stored: such
+    an upsert changes no row (no index rewritten, no knot trigger fired),
+    while a changed record still lands."""
+    db = store.open_database(str(tmp_path / "s.db"))
+
+    def rows_written(changes: list[Change]) -> int:
+        with db.atomic():
+            before = db.execute_sql("SELECT total_changes()").fetchone()[0]
+            store.apply_changes(changes)
+            return db.execute_sql("SELECT total_changes()").fetchone()[0] - before
+
+    first = [_repo_change(1, "upsert", f"r{i}") for i in range(3)]
+    assert rows_written(first) == 3
+    assert rows_written(first) == 0
+    assert rows_written([_repo_change(2, "upsert", "r1", name="renamed")]) == 1
+    names = dict(db.execute_sql("SELECT rkey, name FROM repo").fetchall())
+    assert names == {"r0": "n", "r1": "renamed", "r2": "n"}
+    db.close()
+
+
 def test_a_collaborator_counts_when_its_author_is_invited_in_the_same_batch(tmp_path: Path):
     db = store.open_database(str(tmp_path / "s.db"))
     directory = store.Directory(HOSTNAME, OWNER)
